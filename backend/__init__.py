@@ -1,0 +1,1 @@
+"""The local inference engine: model, KV pool, radix cache, scheduler, sampler."""

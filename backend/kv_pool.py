@@ -1,0 +1,58 @@
+"""Token-granular KV pool: one slot holds the keys and values of one token in every layer.
+
+Contract:
+- Slot indices are int64 in ``[1, num_slots]``; slot 0 is a scratch slot that padded
+  positions may write to and read from, never handed out.
+- ``alloc(n)`` returns ``n`` distinct free slots or ``None`` when fewer than ``n`` are free
+  (the caller evicts from the radix cache and retries); ``free`` returns slots to the pool.
+- The pool does not know who owns a slot: the radix cache and the running requests do.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVPool:
+    """Per-layer key and value buffers of shape ``[num_slots + 1, num_kv_heads, head_dim]``."""
+
+    def __init__(
+        self,
+        num_slots: int,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if num_slots <= 0:
+            raise ValueError(f"num_slots must be positive, got {num_slots}")
+        self.num_slots = num_slots
+        self.device = torch.device(device)
+        shape = (num_slots + 1, num_kv_heads, head_dim)
+        self.k_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self._free = torch.arange(1, num_slots + 1, dtype=torch.int64)
+
+    @property
+    def num_free(self) -> int:
+        return int(self._free.numel())
+
+    def alloc(self, n: int) -> torch.Tensor | None:
+        """Take ``n`` free slots (lowest indices first, so fresh runs are contiguous)."""
+        if n > self._free.numel():
+            return None
+        taken, self._free = self._free[:n], self._free[n:]
+        return taken
+
+    def free(self, slots: torch.Tensor) -> None:
+        if slots.numel():
+            self._free = torch.cat([self._free, slots.to(torch.int64).cpu()])
+
+    def reset(self) -> None:
+        """Mark every slot free (used by ``flush_cache`` when nothing is running)."""
+        self._free = torch.arange(1, self.num_slots + 1, dtype=torch.int64)
+
+    def bytes_per_slot(self) -> int:
+        k = self.k_buffers[0]
+        return 2 * len(self.k_buffers) * k[0].numel() * k.element_size()

@@ -1,0 +1,1 @@
+"""The constrained decoder: regex and JSON schema compiled to token-level automata."""
