@@ -56,3 +56,28 @@ class KVPool:
     def bytes_per_slot(self) -> int:
         k = self.k_buffers[0]
         return 2 * len(self.k_buffers) * k[0].numel() * k.element_size()
+
+
+class ReqToTokenTable:
+    """Row ``r`` lists, in order, the KV slots of every token of the request holding row ``r``.
+
+    One ``[max_requests + 1, max_context_len]`` int64 table instead of a tensor per request:
+    appending a decoded token's slot is one store, a request's slots are a zero-copy view,
+    and GPU kernels read the whole table at once. Row 0 is a padding row.
+    """
+
+    def __init__(self, max_requests: int, max_context_len: int, device: torch.device | str = "cpu"):
+        self.table = torch.zeros(
+            (max_requests + 1, max_context_len), dtype=torch.int64, device=device
+        )
+        self._free_rows = list(range(max_requests, 0, -1))
+
+    @property
+    def num_free_rows(self) -> int:
+        return len(self._free_rows)
+
+    def alloc_row(self) -> int | None:
+        return self._free_rows.pop() if self._free_rows else None
+
+    def free_row(self, row: int) -> None:
+        self._free_rows.append(row)

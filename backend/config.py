@@ -1,0 +1,62 @@
+"""Engine configuration: one dataclass, validated, with defaults that suit a small CPU box."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    """Options of the local engine.
+
+    ``max_total_tokens`` is the KV pool size in token slots (default: enough for a few
+    full contexts of the embedded model on CPU). ``chunked_prefill_size`` is the token
+    budget of one prefill forward pass; longer prompts are prefilled in chunks.
+    ``schedule_policy`` is ``"lpm"`` (longest cached prefix first, falling back to FCFS when
+    more than ``lpm_max_queue`` requests wait) or ``"fcfs"``.
+    """
+
+    model: str | None = None
+    device: str = "cpu"
+    dtype: str = "auto"
+    max_total_tokens: int = 32768
+    max_running_requests: int = 128
+    context_length: int | None = None
+    chunked_prefill_size: int = 2048
+    schedule_policy: str = "lpm"
+    lpm_max_queue: int = 128
+    disable_radix_cache: bool = False
+    num_threads: int | None = None
+    init_new_token_ratio: float = 0.7
+    min_new_token_ratio: float = 0.1
+    new_token_ratio_decay_steps: int = 600
+    dedupe_min_shared_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("max_total_tokens", "max_running_requests", "chunked_prefill_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.schedule_policy not in ("lpm", "fcfs"):
+            raise ValueError(
+                f"schedule_policy must be 'lpm' or 'fcfs', got {self.schedule_policy!r}"
+            )
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ValueError(
+                f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}"
+            )
+        if self.num_threads is not None and self.num_threads <= 0:
+            raise ValueError(f"num_threads must be positive, got {self.num_threads!r}")
+        if not 0.0 <= self.min_new_token_ratio <= self.init_new_token_ratio <= 1.0:
+            raise ValueError("need 0 <= min_new_token_ratio <= init_new_token_ratio <= 1")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: object) -> EngineConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(
+                f"unknown engine option(s) {unknown}; valid options: {', '.join(sorted(known))}"
+            )
+        return cls(**kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,269 @@
+"""Decoder-only transformer of the Llama family, Mistral, Qwen2/2.5 and Qwen3.
+
+One ``CausalLM`` driven by config flags:
+- Llama / SmolLM / Mistral: optional ``attention_bias`` (q, k, v, o) and ``mlp_bias``;
+- Qwen2: bias on q, k, v (not o);
+- Qwen3: per-head RMSNorm on q and k before RoPE, ``attention_bias`` flag, explicit head_dim.
+
+Parameter names equal the Hugging Face checkpoint names, so weights load by name. The model
+works on a ragged batch (``ForwardBatch``): all new tokens of all requests are one flat
+sequence ``[T, hidden]``; attention (and the KV pool) is delegated to ``batch.attn_backend``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from backend.forward_batch import ForwardBatch
+
+logger = logging.getLogger(__name__)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as in HF Llama: normalize in float32, cast back, then scale by ``weight``."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * (x / sqrt(mean(x^2) + eps))`` over the last dim, statistics in float32."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope_tables(
+    config: PretrainedConfig, head_dim: int, max_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 tables ``cos`` and ``sin_signed`` of shape ``[max_len, head_dim]``.
+
+    ``cos`` is HF's ``cat(freqs, freqs).cos() * attention_scaling``; ``sin_signed`` is the
+    matching sin with its first half negated, so that RoPE in the rotate-half convention is
+    ``x * cos + roll(x, head_dim / 2) * sin_signed``. Frequencies come from transformers'
+    ``ROPE_INIT_FUNCTIONS`` (linear, llama3, yarn, dynamic, ...), computed exactly as
+    transformers initialises them.
+    """
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    rope_type = params.get("rope_type", "default")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("partial_rotary_factor != 1 is not supported by this model family")
+    if rope_type == "longrope":
+        raise ValueError("rope_type 'longrope' (sequence-length dependent) is not supported")
+    if rope_type == "default":
+        base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+        inv_freq = 1.0 / (base**exponents)
+        scaling = 1.0
+    else:
+        if rope_type not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(f"Unknown rope_type {rope_type!r}")
+        # "dynamic" at init equals its value for any length up to max_position_embeddings,
+        # which is as far as this model ever runs.
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+    inv_freq = inv_freq.float()
+    freqs = torch.arange(max_len, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos = emb.cos() * scaling
+    sin = emb.sin() * scaling
+    half = head_dim // 2
+    sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+    return cos, sin_signed
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``[T, heads, D]`` with per-token ``cos``/``sin_signed`` ``[T, 1, D]``."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin_signed)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: PretrainedConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads: int = config.num_attention_heads
+        self.num_kv_heads: int = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim: int = _head_dim(config)
+        hidden = config.hidden_size
+        model_type = config.model_type
+        bias = bool(getattr(config, "attention_bias", False))
+        qkv_bias = bias or model_type == "qwen2"
+        o_bias = bias and model_type != "qwen2"
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=o_bias)
+        self.qk_norm = model_type == "qwen3"
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin_signed: torch.Tensor,
+        batch: ForwardBatch,
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q = F.linear(x, self.q_proj.weight, self.q_proj.bias).view(t, self.num_heads, -1)
+        k = F.linear(x, self.k_proj.weight, self.k_proj.bias).view(t, self.num_kv_heads, -1)
+        v = F.linear(x, self.v_proj.weight, self.v_proj.bias).view(t, self.num_kv_heads, -1)
+        if self.qk_norm:
+            q = rms_norm(q, self.q_norm.weight, self.q_norm.eps)
+            k = rms_norm(k, self.k_norm.weight, self.k_norm.eps)
+        q = apply_rope(q, cos, sin_signed)
+        k = apply_rope(k, cos, sin_signed)
+        out = batch.attn_backend.forward(q, k, v, self.layer_id, batch)
+        return F.linear(out.reshape(t, -1), self.o_proj.weight, self.o_proj.bias)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__()
+        bias = bool(getattr(config, "mlp_bias", False))
+        hidden, inter = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
+        self.up_proj = nn.Linear(hidden, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+        self.act_fn = _activation(getattr(config, "hidden_act", "silu"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.act_fn(F.linear(x, self.gate_proj.weight, self.gate_proj.bias))
+        gate = gate.mul_(F.linear(x, self.up_proj.weight, self.up_proj.bias))
+        return F.linear(gate, self.down_proj.weight, self.down_proj.bias)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: PretrainedConfig, layer_id: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, layer_id)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin_signed: torch.Tensor,
+        batch: ForwardBatch,
+    ) -> torch.Tensor:
+        """One pre-norm block; ``hidden`` is owned by the caller's forward and updated in place."""
+        norm = self.input_layernorm
+        x = rms_norm(hidden, norm.weight, norm.eps)
+        hidden = hidden.add_(self.self_attn.forward(x, cos, sin_signed, batch))
+        norm = self.post_attention_layernorm
+        x = rms_norm(hidden, norm.weight, norm.eps)
+        return hidden.add_(self.mlp.forward(x))
+
+
+class Model(nn.Module):
+    """Embeddings, decoder layers and final norm (HF's ``model.`` prefix)."""
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """Llama / Mistral / Qwen2 / Qwen3 causal LM over a ragged ``ForwardBatch``.
+
+    Attributes the engine reads: ``num_layers``, ``num_kv_heads``, ``head_dim``,
+    ``vocab_size``, ``max_context_len`` (``max_position_embeddings``, capped at the sliding
+    window when one is configured, so that sliding never takes effect).
+    """
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if getattr(config, "tie_word_embeddings", False):
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.num_layers: int = config.num_hidden_layers
+        self.num_heads: int = config.num_attention_heads
+        self.num_kv_heads: int = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim: int = _head_dim(config)
+        self.vocab_size: int = config.vocab_size
+        self.max_context_len: int = _max_context_len(config)
+        # The tables are real data even when the parameters are built on the meta device.
+        with torch.device("cpu"):
+            cos, sin_signed = rope_tables(config, self.head_dim, self.max_context_len)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin_signed, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Hidden states ``[T, hidden]`` after the final norm, one row per new token.
+
+        Calls ``batch.attn_backend.init_forward_metadata(batch)`` when the caller has not.
+        """
+        if batch.attn_metadata is None:
+            batch.attn_backend.init_forward_metadata(batch)
+        positions = batch.positions
+        cos = self.rope_cos.index_select(0, positions).unsqueeze(1)
+        sin_signed = self.rope_sin.index_select(0, positions).unsqueeze(1)
+        hidden = F.embedding(batch.input_ids, self.model.embed_tokens.weight)
+        for layer in self.model.layers:
+            hidden = layer.forward(hidden, cos, sin_signed, batch)
+        norm = self.model.norm
+        return rms_norm(hidden, norm.weight, norm.eps)
+
+    @torch.no_grad()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits ``[N, vocab]`` for the rows of ``hidden`` the caller selected."""
+        return F.linear(hidden, self.lm_head.weight).float()
+
+
+def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The MLP activation; common ones without importing ``transformers.activations`` (slow)."""
+    if name in ("silu", "swish"):
+        return F.silu
+    if name == "gelu":
+        return F.gelu
+    if name in ("gelu_pytorch_tanh", "gelu_new"):
+        return partial(F.gelu, approximate="tanh")
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
+
+
+def _head_dim(config: PretrainedConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _max_context_len(config: PretrainedConfig) -> int:
+    max_len = int(getattr(config, "max_position_embeddings", 2048))
+    window = getattr(config, "sliding_window", None)
+    if config.model_type in ("qwen2", "qwen3"):
+        layer_types = getattr(config, "layer_types", None) or []
+        if "sliding_attention" not in layer_types:
+            window = None
+    if window is not None and window < max_len:
+        logger.info(
+            "Capping the context at the sliding window (%d < %d tokens): attention over the "
+            "full context is then exact",
+            window,
+            max_len,
+        )
+        max_len = int(window)
+    return max_len

@@ -1,0 +1,157 @@
+"""From logits to tokens to text: sampling, logprobs, detokenization, stop conditions, and the
+updates each request's caller receives. Runs on the engine thread."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from backend.detokenizer import IncrementalDetokenizer
+from backend.request import Req, ReqStatus, ReqUpdate, TopLogprobs
+from backend.sampler import RequestSampling, sample
+from backend.stop_strings import StopStringMatcher
+
+
+@dataclass
+class EngineStats:
+    """Counters since start (or the last ``flush_cache``)."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    generated_tokens: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+
+    def record_admission(self, prompt_tokens: int, cached_tokens: int) -> None:
+        self.requests += 1
+        self.prompt_tokens += prompt_tokens
+        self.cached_tokens += cached_tokens
+
+    @property
+    def cache_hit_rate(self) -> float:
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+def _top_logprobs(logprobs: torch.Tensor, k: int) -> list[TopLogprobs]:
+    values, ids = logprobs.topk(k, dim=-1)
+    return [list(zip(v, i)) for v, i in zip(values.tolist(), ids.tolist())]
+
+
+class OutputProcessor:
+    def __init__(
+        self, tokenizer: Any, eos_token_ids: Iterable[int], vocab_size: int, context_len: int
+    ):
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.vocab_size = vocab_size
+        self.context_len = context_len
+        self.stats = EngineStats()
+
+    def start(self, req: Req) -> None:
+        """Create the per-request sampling, detokenizer and stop-string state."""
+        p = req.params
+        req.sampling = RequestSampling(p, req.input_ids, self.eos_token_ids, self.vocab_size)
+        req.detokenizer = IncrementalDetokenizer(
+            self.tokenizer,
+            req.input_ids,
+            skip_special_tokens=p.skip_special_tokens,
+            spaces_between_special_tokens=p.spaces_between_special_tokens,
+        )
+        req.stop_matcher = StopStringMatcher(p.stop) if p.stop else None
+
+    def add_input_logprobs(self, req: Req, first_token: int, logits: torch.Tensor) -> None:
+        """Logprobs of input tokens ``first_token ..`` from the logits of their predecessors."""
+        if not req.input_token_logprobs and req.logprob_start_len == 0:
+            req.input_token_logprobs.append(None)  # the first token has no context
+            req.input_top_logprobs.append(None)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        ids = torch.tensor(req.input_ids[first_token : first_token + len(logits)])
+        req.input_token_logprobs.extend(logprobs.gather(1, ids[:, None]).squeeze(1).tolist())
+        if req.top_logprobs_num:
+            req.input_top_logprobs.extend(_top_logprobs(logprobs, req.top_logprobs_num))
+
+    def process(self, reqs: list[Req], logits: torch.Tensor) -> list[Req]:
+        """Sample one token per request, record it, and return the requests that finished."""
+        states = [r.sampling for r in reqs]
+        next_ids = sample(logits, states, [len(r.output_ids) for r in reqs]).tolist()  # type: ignore[arg-type]
+        want = [i for i, r in enumerate(reqs) if r.return_logprob]
+        if want:
+            logprobs = torch.log_softmax(logits[want].float(), dim=-1)
+            chosen = logprobs.gather(1, torch.tensor([next_ids[i] for i in want])[:, None])
+            for j, i in enumerate(want):
+                req = reqs[i]
+                req.output_token_logprobs.append(float(chosen[j, 0]))
+                if req.top_logprobs_num:
+                    req.output_top_logprobs.extend(
+                        _top_logprobs(logprobs[j : j + 1], req.top_logprobs_num)
+                    )
+        finished = []
+        for req, tok in zip(reqs, next_ids):
+            self.stats.generated_tokens += 1
+            reason = self._append(req, tok)
+            if reason is not None:
+                self.finish(req, reason)
+                finished.append(req)
+            elif req.stream:
+                self._send(req)
+        return finished
+
+    def _append(self, req: Req, tok: int) -> dict[str, Any] | None:
+        """Record ``tok``; return the finish reason if the request is done."""
+        assert req.sampling is not None and req.detokenizer is not None
+        p = req.params
+        req.output_ids.append(tok)
+        req.sampling.observe(tok)
+        n = len(req.output_ids)
+        may_stop = n >= p.min_new_tokens
+        if may_stop and (
+            tok in p.stop_token_ids or (tok in self.eos_token_ids and not p.ignore_eos)
+        ):
+            req.text += req.detokenizer.flush()
+            return {"type": "stop", "matched": tok}
+        new_text = req.detokenizer.push([tok])
+        req.text += new_text
+        if may_stop and req.stop_matcher is not None and new_text:
+            found = req.stop_matcher.find(req.text, len(new_text))
+            if found is not None:
+                start, stop = found
+                req.text = req.text[: start + (len(stop) if p.no_stop_trim else 0)]
+                return {"type": "stop", "matched": stop}
+        if n >= p.max_new_tokens or len(req.input_ids) + n >= self.context_len:
+            req.text += req.detokenizer.flush()
+            return {"type": "length", "length": n}
+        return None
+
+    def finish(self, req: Req, reason: dict[str, Any]) -> None:
+        req.status = ReqStatus.FINISHED
+        req.finish_reason = reason
+        self._send(req)
+
+    def _send(self, req: Req) -> None:
+        final = req.status is ReqStatus.FINISHED
+        text_end = len(req.text)
+        if not final and req.stop_matcher is not None:
+            text_end -= req.stop_matcher.holdback(req.text)
+        first, req.sent_tokens = req.sent_tokens, len(req.output_ids)
+        update = ReqUpdate(
+            text_delta=req.text[req.sent_text_len : text_end],
+            token_ids=req.output_ids[first:],
+            token_logprobs=req.output_token_logprobs[first:],
+            top_logprobs=req.output_top_logprobs[first:],
+            final=final,
+        )
+        req.sent_text_len = max(req.sent_text_len, text_end)
+        if final:
+            update.finish_reason = req.finish_reason
+            update.meta = {
+                "prompt_tokens": len(req.input_ids),
+                "completion_tokens": len(req.output_ids),
+                "cached_tokens": req.cached_tokens,
+                "input_token_logprobs": req.input_token_logprobs,
+                "input_top_logprobs": req.input_top_logprobs,
+            }
+        req.sink(update)

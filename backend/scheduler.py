@@ -1,0 +1,402 @@
+"""Continuous batching over the KV pool and the radix cache.
+
+Each ``step()`` runs one forward pass: a prefill batch when waiting work can be admitted
+(chunked to ``chunked_prefill_size`` tokens), otherwise one decode step for every running
+request. Requests join and leave the running batch between steps.
+
+KV accounting invariant (``kv_accounting``): every pool slot is exactly one of free,
+in the radix cache (evictable when unlocked, protected when locked by a request), or owned
+by one request (computed but not yet handed to the cache). When idle, nothing is locked
+or owned, so ``free + evictable == total``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from backend.config import EngineConfig
+from backend.kv_pool import KVPool, ReqToTokenTable
+from backend.model_runner import ModelRunner
+from backend.output_processor import OutputProcessor
+from backend.radix_cache import RadixCache
+from backend.request import Req, ReqStatus
+
+logger = logging.getLogger(__name__)
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if diff.size else n
+
+
+class Scheduler:
+    """Owns the queues and every request's KV. Runs on the engine thread only."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        runner: ModelRunner,
+        pool: KVPool,
+        table: ReqToTokenTable,
+        cache: RadixCache,
+        outputs: OutputProcessor,
+        context_len: int,
+    ) -> None:
+        self.config = config
+        self.runner = runner
+        self.pool = pool
+        self.table = table
+        self.cache = cache
+        self.outputs = outputs
+        self.context_len = context_len
+        self.waiting: deque[Req] = deque()
+        self.running: list[Req] = []
+        self.chunked: Req | None = None
+        self.new_token_ratio = config.init_new_token_ratio
+        self._ratio_decay = (
+            config.init_new_token_ratio - config.min_new_token_ratio
+        ) / config.new_token_ratio_decay_steps
+        self.num_retractions = 0
+        self.forward_steps = {"prefill": 0, "decode": 0}
+
+    # ---- queue operations -------------------------------------------------------------
+
+    def add(self, req: Req) -> None:
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.chunked)
+
+    def abort(self, rid: str, message: str = "aborted") -> bool:
+        """Abort ``rid`` wherever it is; frees everything it holds. False if unknown."""
+        reason = {"type": "abort", "message": message}
+        for req in self.waiting:
+            if req.rid == rid:
+                self.waiting.remove(req)
+                self.outputs.finish(req, reason)
+                return True
+        if self.chunked is not None and self.chunked.rid == rid:
+            req, self.chunked = self.chunked, None
+            self._release(req)
+            self.outputs.finish(req, reason)
+            return True
+        for req in self.running:
+            if req.rid == rid:
+                self.running.remove(req)
+                self._release(req)
+                self.outputs.finish(req, reason)
+                return True
+        return False
+
+    def step(self) -> None:
+        if not self._prefill_step() and self.running:
+            self._decode_step()
+
+    # ---- prefill ----------------------------------------------------------------------
+
+    def _prefix_limit(self, req: Req) -> int:
+        """How much of ``fill_ids`` may come from the cache: the tokens whose logits are
+        needed (the last one, input-logprob positions) must be computed."""
+        fill_len = len(req.input_ids) + len(req.output_ids)
+        limit = fill_len if req.params.max_new_tokens == 0 else fill_len - 1
+        if req.wants_input_logprobs:
+            limit = min(limit, max(req.logprob_start_len - 1, 0))
+        return limit
+
+    def _ordered_waiting(self) -> list[Req]:
+        reqs = list(self.waiting)
+        if self.config.schedule_policy == "lpm" and 1 < len(reqs) <= self.config.lpm_max_queue:
+            lens = {
+                id(r): len(self.cache.match_prefix(r.fill_ids[: self._prefix_limit(r)]).slots)
+                for r in reqs
+            }
+            reqs.sort(key=lambda r: -lens[id(r)])
+        return reqs
+
+    def _reserved_tokens(self) -> int:
+        """Slots the running requests are expected to still need (decaying estimate)."""
+        total = 0
+        for req in self.running:
+            room = self.context_len - len(req.input_ids) - len(req.output_ids)
+            total += min(req.remaining_new_tokens, room)
+        return int(total * self.new_token_ratio)
+
+    def _alloc(self, n: int) -> torch.Tensor | None:
+        if self.pool.num_free < n:
+            self.cache.evict(n - self.pool.num_free)
+        return self.pool.alloc(n)
+
+    def _prefill_step(self) -> bool:
+        budget = self.config.chunked_prefill_size
+        available = self.pool.num_free + self.cache.evictable_size - self._reserved_tokens()
+        batch: list[tuple[Req, int]] = []  # (request, number of new tokens this pass)
+        new_fills: list[list[int]] = []  # fills of requests newly admitted this pass
+        candidates = ([self.chunked] if self.chunked else []) + self._ordered_waiting()
+        for req in candidates:
+            if budget <= 0:
+                break
+            if req.row is None:
+                admitted = self._admit(req, budget, available, new_fills, nothing_else=not batch)
+                if admitted is None:
+                    if req.status is ReqStatus.FINISHED:
+                        continue
+                    break
+                if admitted < 0:  # deferred: shares an uncached prefix with a batch member
+                    continue
+                chunk = admitted
+                new_fills.append(req.fill_ids)
+            else:
+                chunk = min(len(req.fill_ids) - req.num_kv, budget)
+                slots = self._alloc(chunk)
+                if slots is None:
+                    break
+                self.table.table[req.row, req.num_kv : req.num_kv + chunk] = slots
+            batch.append((req, chunk))
+            budget -= chunk
+            available -= chunk
+        if not batch:
+            return False
+        self._run_prefill(batch)
+        return True
+
+    def _admit(
+        self, req: Req, budget: int, available: int, new_fills: list[list[int]], nothing_else: bool
+    ) -> int | None:
+        """Give ``req`` a table row, its cached prefix and slots for its first chunk.
+
+        Returns the chunk length, -1 when the request should wait for a batch member to
+        compute a prefix they share, or None when it cannot be admitted now.
+        """
+        if (
+            len(self.running) + (self.chunked is not None) + len(new_fills)
+            >= self.config.max_running_requests
+        ):
+            return None
+        fill = req.fill_ids
+        match = self.cache.match_prefix(fill[: self._prefix_limit(req)])
+        prefix_len = len(match.slots)
+        if not self.cache.disable and new_fills:
+            shared = max(common_prefix_len(fill, other) for other in new_fills)
+            if shared - prefix_len >= self.config.dedupe_min_shared_tokens:
+                return -1
+        remaining = len(fill) - prefix_len
+        if remaining == 0:  # a fully cached prefill-only request: nothing to compute
+            self.waiting.remove(req)
+            self._count_cached(req, prefix_len)
+            self.outputs.finish(req, {"type": "length", "length": 0})
+            return None
+        chunk = min(remaining, budget)
+        expected = chunk
+        if chunk == remaining:
+            expected += int(
+                min(req.remaining_new_tokens, self.context_len - len(fill)) * self.new_token_ratio
+            )
+        if expected > available and not (nothing_else and not self.running):
+            return None
+        self.cache.inc_lock_ref(match.last_node)
+        slots = self._alloc(chunk)
+        row = self.table.alloc_row()
+        if slots is None or row is None:
+            if slots is not None:
+                self.pool.free(slots)
+            if row is not None:
+                self.table.free_row(row)
+            self.cache.dec_lock_ref(match.last_node)
+            return None
+        self.waiting.remove(req)
+        self.table.table[row, :prefix_len] = match.slots
+        self.table.table[row, prefix_len : prefix_len + chunk] = slots
+        req.row, req.num_kv, req.num_tree_owned, req.last_node = (
+            row,
+            prefix_len,
+            prefix_len,
+            match.last_node,
+        )
+        req.status = ReqStatus.PREFILLING
+        self._count_cached(req, prefix_len)
+        if req.sampling is None:
+            self.outputs.start(req)
+        return chunk
+
+    def _count_cached(self, req: Req, prefix_len: int) -> None:
+        if not req.admitted_once:
+            req.admitted_once = True
+            req.cached_tokens = min(prefix_len, len(req.input_ids))
+            self.outputs.stats.record_admission(len(req.input_ids), req.cached_tokens)
+
+    def _run_prefill(self, batch: list[tuple[Req, int]]) -> None:
+        self.forward_steps["prefill"] += 1
+        self.chunked = None
+        rows, prefix_lens, new_tokens = [], [], []
+        for req, chunk in batch:
+            rows.append(req.row)
+            prefix_lens.append(req.num_kv)
+            new_tokens.append(req.fill_ids[req.num_kv : req.num_kv + chunk])
+        hidden = self.runner.extend(rows, prefix_lens, new_tokens)
+
+        # Pick the hidden rows whose logits are needed: input-logprob positions, then the
+        # last position of every request whose prefill completes and which samples.
+        picks: list[torch.Tensor] = []
+        logprob_ranges: list[tuple[Req, int, int, int]] = []  # req, first token idx, count, offset
+        samplers: list[Req] = []
+        sample_rows: list[int] = []
+        offset = 0
+        for req, chunk in batch:
+            start = req.num_kv
+            if req.wants_input_logprobs:
+                # logits at position p score token p + 1; token 0 has no logprob
+                first_tok = max(req.logprob_start_len, start + 1)
+                last_tok = min(start + chunk, len(req.input_ids) - 1)
+                if first_tok <= last_tok:
+                    logprob_ranges.append(
+                        (req, first_tok, last_tok - first_tok + 1, sum(len(p) for p in picks))
+                    )
+                    picks.append(
+                        torch.arange(offset + first_tok - 1 - start, offset + last_tok - start)
+                    )
+            completes = start + chunk == len(req.fill_ids)
+            if completes and req.params.max_new_tokens > 0:
+                samplers.append(req)
+                sample_rows.append(offset + chunk - 1)
+            offset += chunk
+        num_logprob_rows = sum(len(p) for p in picks)
+        if sample_rows:
+            picks.append(torch.tensor(sample_rows, dtype=torch.int64))
+        logits = self.runner.logits(hidden[torch.cat(picks)]) if picks else None
+
+        for req, first_tok, count, row_offset in logprob_ranges:
+            self.outputs.add_input_logprobs(req, first_tok, logits[row_offset : row_offset + count])
+
+        for req, chunk in batch:
+            req.num_kv += chunk
+            if req.wants_input_logprobs and req.num_kv >= len(req.input_ids):
+                req.input_logprobs_done = True
+            self._cache_unfinished(req)
+            if req.num_kv < len(req.fill_ids):
+                self.chunked = req
+            elif req.params.max_new_tokens == 0:
+                self._release(req)
+                self.outputs.finish(req, {"type": "length", "length": 0})
+        if samplers:
+            assert logits is not None
+            self._emit(samplers, logits[num_logprob_rows:])
+
+    # ---- decode -----------------------------------------------------------------------
+
+    def _decode_step(self) -> None:
+        self._make_room_for_decode()
+        if not self.running:
+            return
+        self.forward_steps["decode"] += 1
+        reqs = list(self.running)
+        slots = self._alloc(len(reqs))
+        assert slots is not None, "decode slots were reserved by _make_room_for_decode"
+        rows = [r.row for r in reqs]
+        for req, slot in zip(reqs, slots.tolist()):
+            self.table.table[req.row, req.num_kv] = slot
+            req.num_kv += 1
+        hidden = self.runner.decode(
+            rows, [r.num_kv for r in reqs], [r.output_ids[-1] for r in reqs]
+        )
+        self.new_token_ratio = max(
+            self.new_token_ratio - self._ratio_decay, self.config.min_new_token_ratio
+        )
+        self._emit(reqs, self.runner.logits(hidden))
+
+    def _make_room_for_decode(self) -> None:
+        """Retract running requests (fewest outputs first) until one slot each is available."""
+        while self.running and self.pool.num_free + self.cache.evictable_size < len(self.running):
+            victim = min(self.running, key=lambda r: (len(r.output_ids), -len(r.input_ids)))
+            self.running.remove(victim)
+            self._release(victim)
+            victim.status = ReqStatus.WAITING
+            self.waiting.appendleft(victim)
+            self.num_retractions += 1
+            self.new_token_ratio = min(1.0, self.new_token_ratio + 0.2)
+            logger.info(
+                "KV pool full: retracted request %s (%d outputs kept)",
+                victim.rid,
+                len(victim.output_ids),
+            )
+
+    # ---- outputs and KV hand-back -----------------------------------------------------
+
+    def _emit(self, reqs: list[Req], logits: torch.Tensor) -> None:
+        for req in self.outputs.process(reqs, logits):  # the requests that finished
+            if req in self.running:
+                self.running.remove(req)
+            self._release(req)
+        for req in reqs:
+            if req.status is ReqStatus.PREFILLING:
+                req.status = ReqStatus.RUNNING
+                self.running.append(req)
+
+    def _cache_unfinished(self, req: Req) -> None:
+        """Hand the request's computed KV to the radix cache and lock it (so waiting
+        requests that share the prefix reuse it while this one keeps running)."""
+        if self.cache.disable:
+            return
+        tokens = req.fill_ids[: req.num_kv]
+        slots = self.table.table[req.row, : req.num_kv]
+        present = self.cache.insert(tokens, slots.clone())
+        if present > req.num_tree_owned:
+            self.pool.free(slots[req.num_tree_owned : present].clone())
+        match = self.cache.match_prefix(tokens)
+        assert len(match.slots) == req.num_kv
+        self.table.table[req.row, : req.num_kv] = match.slots
+        self.cache.inc_lock_ref(match.last_node)
+        if req.last_node is not None:
+            self.cache.dec_lock_ref(req.last_node)
+        req.last_node, req.num_tree_owned = match.last_node, req.num_kv
+
+    def _release(self, req: Req) -> None:
+        """Give everything ``req`` holds back: computed KV to the cache (or the pool when the
+        cache is disabled), its lock, its table row. Outputs are kept (for retraction)."""
+        if req.row is None:
+            return
+        slots = self.table.table[req.row, : req.num_kv].clone()
+        if self.cache.disable:
+            self.pool.free(slots)
+        else:
+            tokens = req.fill_ids[: req.num_kv]
+            present = self.cache.insert(tokens, slots)
+            if present > req.num_tree_owned:
+                self.pool.free(slots[req.num_tree_owned : present])
+            if req.last_node is not None:
+                self.cache.dec_lock_ref(req.last_node)
+        self.table.free_row(req.row)
+        req.row, req.num_kv, req.num_tree_owned, req.last_node = None, 0, 0, None
+
+    # ---- accounting ---------------------------------------------------------------------
+
+    def kv_accounting(self) -> dict[str, int]:
+        holders = list(self.running) + ([self.chunked] if self.chunked else [])
+        owned = sum(r.num_kv - r.num_tree_owned for r in holders)
+        return {
+            "total": self.pool.num_slots,
+            "free": self.pool.num_free,
+            "evictable": self.cache.evictable_size,
+            "protected": self.cache.protected_size,
+            "owned_by_requests": owned,
+        }
+
+    def check_invariant(self) -> dict[str, int]:
+        """Assert the slot accounting (and, when idle, that nothing is locked or owned)."""
+        self.cache.check_invariants()
+        acc = self.kv_accounting()
+        parts = acc["free"] + acc["evictable"] + acc["protected"] + acc["owned_by_requests"]
+        if parts != acc["total"]:
+            raise AssertionError(f"KV slots leaked or double-counted: {acc}")
+        if not self.has_work() and (acc["protected"] or acc["owned_by_requests"]):
+            raise AssertionError(f"idle engine still holds KV: {acc}")
+        if len(set(self.pool._free.tolist())) != acc["free"]:
+            raise AssertionError("a slot is free twice")
+        return acc

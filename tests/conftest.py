@@ -1,0 +1,36 @@
+"""Shared fixtures: one engine on the embedded model and its transformers twin."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from backend.engine import Engine
+
+
+@pytest.fixture(scope="session")
+def engine() -> Iterator[Engine]:
+    eng = Engine(max_total_tokens=16384, chunked_prefill_size=1024)
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="session")
+def hf_model(engine: Engine):
+    """transformers' own model on the same weights (the engine's cached safetensors)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture
+def idle_engine(engine: Engine) -> Iterator[Engine]:
+    """The shared engine, with the KV accounting invariant checked after the test."""
+    yield engine
+    engine.wait_idle()
+    acc = engine.check_kv_invariant()
+    assert acc["protected"] == 0 and acc["owned_by_requests"] == 0
+    assert acc["free"] + acc["evictable"] == acc["total"]
