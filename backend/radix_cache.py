@@ -57,6 +57,7 @@ def _common_prefix_len(key: tuple[int, ...], off: int, edge: tuple[int, ...]) ->
     n = min(len(key) - off, len(edge))
     if key[off : off + n] == (edge if n == len(edge) else edge[:n]):
         return n
+    # A mismatch exists below n, so both loops stop there (never at the slices' ends).
     lo = 0
     while key[off + lo : off + lo + _CHUNK] == edge[lo : lo + _CHUNK]:
         lo += _CHUNK

@@ -34,7 +34,8 @@ def five_shot_prefix() -> str:
             f"Passage: {country} is a small mountain country whose capital lies on the river "
             f"{river}. Its population is about {3 + i} million people, most of whom live in "
             f"the valleys. The main exports of {country} are timber, cheese, wool and precision "
-            f"instruments, and its parliament meets in the old town hall every spring.\n"
+            f"instruments, and its parliament meets in the old town hall every spring. Visitors "
+            f"come for the lakes, the wooden churches and the long summer festivals.\n"
             f"Question: On which river does the capital of {country} lie?\n"
             f"Answer: The capital of {country} lies on the river {river}.\n\n"
         )
@@ -42,22 +43,11 @@ def five_shot_prefix() -> str:
 
 
 def w5_prompts() -> list[str]:
+    """16 short questions after the shared 5-shot prefix."""
+    topics = ["timber", "cheese", "wool", "lakes", "churches", "valleys", "festivals", "rivers"]
     prefix = five_shot_prefix()
-    topics = [
-        "timber",
-        "cheese",
-        "wool",
-        "instruments",
-        "spring",
-        "valleys",
-        "parliament",
-        "rivers",
-    ]
     return [
-        prefix
-        + f"Passage: Region {i} is known for its {topics[i % 8]} and its {topics[(i + 3) % 8]}.\n"
-        f"Question: What is Region {i} known for?\nAnswer:"
-        for i in range(16)
+        prefix + f"Question: Is Region {i} known for {topics[i % 8]}?\nAnswer:" for i in range(16)
     ]
 
 

@@ -20,7 +20,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 from tiny_models import TINY_ARCHS, write_tiny_model
 
-from backend.attention.torch_backend import TorchAttentionBackend
+from backend.attention.torch_backend import MIN_SHARED_PREFIX, TorchAttentionBackend
 from backend.forward_batch import ForwardBatch, ForwardMode
 from backend.kv_pool import KVPool
 from backend.model_loader import (
@@ -203,6 +203,28 @@ def test_decode_single_request_and_equal_lengths(pair: Pair) -> None:
     assert_close(both, torch.stack([r[9] for r in ref]), "equal-length decode")
     one = runner.forward(ForwardMode.DECODE, [seqs[0][9:]], slots[:1])  # recompute in place
     assert_close(one, ref[0][9:], "batch-1 decode")
+
+
+def test_decode_over_shared_prefix_matches_transformers(pair: Pair) -> None:
+    """Requests whose KV starts with the same slots (a radix-cache prefix) take the
+    shared-prefix decode path; a request with its own copy of the prefix does not."""
+    runner = Runner(pair.ours, seed=5)
+    prefix = random_ids([MIN_SHARED_PREFIX + 9], pair.ours.vocab_size, seed=5)[0]
+    tails = random_ids([3, 1, 6, 2], pair.ours.vocab_size, seed=6)
+    seqs = [torch.cat([prefix, t]) for t in tails]
+    prefix_slots = runner.take(len(prefix))
+    runner.forward(ForwardMode.EXTEND, [prefix], [prefix_slots])
+    slots = [torch.cat([prefix_slots, runner.take(len(t))]) for t in tails[:3]]
+    own = runner.take(len(seqs[3]))  # the last request holds a private copy of the prefix
+    runner.forward(
+        ForwardMode.EXTEND,
+        [t[:-1] for t in tails[:3]] + [seqs[3][:-1]],
+        [s[:-1] for s in slots] + [own[:-1]],
+    )
+    slots.append(own)
+    logits = runner.forward(ForwardMode.DECODE, [s[-1:] for s in seqs], slots)
+    ref = torch.stack([hf_logits(pair.hf, s)[-1] for s in seqs])
+    assert_close(logits, ref, f"{pair.name} shared-prefix decode")
 
 
 def test_embedded_model_resolves_to_cache(smol_dir: Path) -> None:

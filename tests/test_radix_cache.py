@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -391,7 +391,7 @@ def test_check_invariants_detects_corruption() -> None:
 # ------------------------------------------------------------ stateful model test
 
 NUM_SLOTS = 64
-tokens = st.lists(st.integers(0, 2), min_size=1, max_size=8)
+tokens = st.lists(st.integers(0, 2), min_size=1, max_size=12)
 
 
 class RadixCacheMachine(RuleBasedStateMachine):
@@ -441,20 +441,18 @@ class RadixCacheMachine(RuleBasedStateMachine):
         if slots is None:
             self._evict(n - self.pool.num_free)
             slots = self.pool.alloc(n)
+            event("alloc failed after evict" if slots is None else "alloc needed evict")
         return slots
 
     def _evict(self, amount: int) -> int:
-        before = {
-            leaf: (leaf.last_access, leaf.node_id)
-            for leaf in leaves(self.cache)
-            if leaf.lock_ref == 0
-        }
+        before = {leaf: leaf.last_access for leaf in leaves(self.cache) if leaf.lock_ref == 0}
         evictable_before = self.cache.evictable_size
         self.freed_by_cache.clear()
         freed = self.cache.evict(amount)
         assert freed == len(self.freed_by_cache)
         assert freed == evictable_before - self.cache.evictable_size
         assert freed >= amount or self.cache.evictable_size == 0
+        event("evict freed something" if freed else "evict freed nothing")
         # LRU: no surviving unlocked leaf is older than an evicted one (among original leaves).
         survivors = set(leaves(self.cache))
         gone = [v for k, v in before.items() if k not in survivors]
@@ -596,8 +594,8 @@ class RadixCacheMachine(RuleBasedStateMachine):
 
 
 RadixCacheMachine.TestCase.settings = settings(
-    max_examples=150,
-    stateful_step_count=40,
+    max_examples=300,
+    stateful_step_count=60,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )

@@ -35,11 +35,21 @@ class _ExtendMetadata:
 
 
 @dataclass
+class _DecodeGroup:
+    """Requests ``req_idx`` decoded together. When ``shared_slots`` is set, all of them
+    start with those same slots (a prefix shared through the radix cache): attention over
+    it is computed once for the whole group and merged with each request's own suffix."""
+
+    req_idx: torch.Tensor | None  # [G] rows of the batch; None means all rows, in order
+    shared_slots: torch.Tensor | None  # [Lp] slots common to every request of the group
+    suffix_len: int  # padded length of the per-request suffixes
+    suffix_slots: torch.Tensor  # [G * suffix_len] slots, padded with the scratch slot 0
+    mask: torch.Tensor | None  # [G, 1, 1, suffix_len] bool (True = attend); None if no padding
+
+
+@dataclass
 class _DecodeMetadata:
-    batch_size: int
-    max_len: int
-    flat_slots: torch.Tensor  # [B * Lmax] slots, padded with the scratch slot 0
-    mask: torch.Tensor | None  # [B, 1, 1, Lmax] bool (True = attend); None if no padding
+    groups: list[_DecodeGroup]
 
 
 class TorchAttentionBackend:
@@ -53,15 +63,7 @@ class TorchAttentionBackend:
         device = self.pool.device
         if batch.mode == ForwardMode.DECODE:
             slots = [s.to(device=device, dtype=torch.int64) for s in batch.kv_slots]
-            lens = [int(s.numel()) for s in slots]
-            max_len = max(lens)
-            padded = pad_sequence(slots, batch_first=True, padding_value=0)
-            mask = None
-            if min(lens) != max_len:
-                lens_t = torch.tensor(lens, dtype=torch.int64, device=device)
-                mask = torch.arange(max_len, device=device)[None, :] < lens_t[:, None]
-                mask = mask.view(len(lens), 1, 1, max_len)
-            batch.attn_metadata = _DecodeMetadata(len(lens), max_len, padded.view(-1), mask)
+            batch.attn_metadata = _DecodeMetadata(_decode_groups(slots))
             return
         segments: list[_Segment] = []
         start = 0
@@ -101,15 +103,12 @@ class TorchAttentionBackend:
     def _decode(
         q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, meta: _DecodeMetadata
     ) -> torch.Tensor:
-        b, num_heads, head_dim = q.shape
-        num_kv = k_buf.shape[1]
-        shape = (b, meta.max_len, num_kv, head_dim)
-        keys = k_buf.index_select(0, meta.flat_slots).view(shape).transpose(1, 2)
-        values = v_buf.index_select(0, meta.flat_slots).view(shape).transpose(1, 2)
-        # GQA without copies: the query heads of one KV head act as that head's query rows.
-        queries = q.view(b, num_kv, num_heads // num_kv, head_dim)
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.mask)
-        return out.reshape(b, num_heads, head_dim)
+        if len(meta.groups) == 1 and meta.groups[0].req_idx is None:
+            return _decode_group(q, k_buf, v_buf, meta.groups[0])
+        out = q.new_empty(q.shape)
+        for group in meta.groups:
+            out[group.req_idx] = _decode_group(q[group.req_idx], k_buf, v_buf, group)
+        return out
 
     @staticmethod
     def _extend(
@@ -156,3 +155,91 @@ def _attend_segment(
             queries, keys, values, attn_mask=seg.mask, enable_gqa=gqa
         )
     return res[0].transpose(0, 1)
+
+
+# Below this many shared tokens, a separate pass over the shared prefix costs more than the
+# copies it saves.
+MIN_SHARED_PREFIX = 32
+
+
+def _decode_groups(slots: list[torch.Tensor]) -> list[_DecodeGroup]:
+    """Group decode requests by the KV prefix they share (same leading slot indices)."""
+    by_first: dict[int, list[int]] = {}
+    for i, s in enumerate(slots):
+        by_first.setdefault(int(s[0]), []).append(i)
+    groups: list[tuple[list[int], int]] = []
+    loners: list[int] = []
+    for members in by_first.values():
+        shared = _common_prefix_len([slots[i] for i in members]) if len(members) > 1 else 0
+        if shared >= MIN_SHARED_PREFIX:
+            groups.append((members, shared))
+        else:
+            loners += members
+    if loners:
+        groups.append((sorted(loners), 0))
+    everyone = len(groups) == 1
+    return [_make_group(slots, members, shared, everyone) for members, shared in groups]
+
+
+def _common_prefix_len(seqs: list[torch.Tensor]) -> int:
+    n = min(int(s.numel()) for s in seqs)
+    stacked = torch.stack([s[:n] for s in seqs])
+    differs = (stacked != stacked[0]).any(0).nonzero()
+    return int(differs[0]) if differs.numel() else n
+
+
+def _make_group(
+    slots: list[torch.Tensor], members: list[int], shared: int, everyone: bool
+) -> _DecodeGroup:
+    suffixes = [slots[i][shared:] for i in members]
+    lens = [int(s.numel()) for s in suffixes]
+    max_len = max(lens)
+    padded = pad_sequence(suffixes, batch_first=True, padding_value=0)
+    mask = None
+    if min(lens) != max_len:
+        lens_t = torch.tensor(lens, dtype=torch.int64, device=padded.device)
+        mask = torch.arange(max_len, device=padded.device)[None, :] < lens_t[:, None]
+        mask = mask.view(len(lens), 1, 1, max_len)
+    return _DecodeGroup(
+        req_idx=None if everyone else torch.tensor(members, device=padded.device),
+        shared_slots=slots[members[0]][:shared] if shared else None,
+        suffix_len=max_len,
+        suffix_slots=padded.view(-1),
+        mask=mask,
+    )
+
+
+def _decode_group(
+    q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, group: _DecodeGroup
+) -> torch.Tensor:
+    """Attention ``[G, H, D]`` for one query per request of ``group``."""
+    g, num_heads, head_dim = q.shape
+    num_kv = k_buf.shape[1]
+    shape = (g, group.suffix_len, num_kv, head_dim)
+    keys = k_buf.index_select(0, group.suffix_slots).view(shape).transpose(1, 2)
+    values = v_buf.index_select(0, group.suffix_slots).view(shape).transpose(1, 2)
+    # GQA without copies: the query heads of one KV head act as that head's query rows.
+    queries = q.view(g, num_kv, num_heads // num_kv, head_dim)
+    if group.shared_slots is None:
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=group.mask)
+        return out.reshape(g, num_heads, head_dim)
+    scale = head_dim**-0.5
+    # suffix part, per request: [G, Hkv, rep, Ls]
+    scores = torch.matmul(queries, keys.transpose(-1, -2)).mul_(scale)
+    if group.mask is not None:
+        scores.masked_fill_(~group.mask, float("-inf"))
+    lse_suffix = torch.logsumexp(scores, dim=-1, keepdim=True)
+    out_suffix = torch.matmul(torch.exp(scores - lse_suffix), values)
+    # shared part, once for the whole group: [Hkv, G * rep, Lp]
+    rows = queries.permute(1, 0, 2, 3).reshape(num_kv, -1, head_dim)
+    shared_k = k_buf.index_select(0, group.shared_slots).permute(1, 2, 0)  # [Hkv, D, Lp]
+    shared_v = v_buf.index_select(0, group.shared_slots).transpose(0, 1)  # [Hkv, Lp, D]
+    scores_p = torch.matmul(rows, shared_k).mul_(scale)
+    lse_p = torch.logsumexp(scores_p, dim=-1, keepdim=True)
+    out_p = torch.matmul(torch.exp(scores_p - lse_p), shared_v)
+    out_p = out_p.view(num_kv, g, -1, head_dim).transpose(0, 1)
+    lse_p = lse_p.view(num_kv, g, -1, 1).transpose(0, 1)
+    # merge the two softmax pieces by their log-sum-exp weights
+    lse = torch.logaddexp(lse_p, lse_suffix)
+    out = out_p * torch.exp(lse_p - lse) + out_suffix * torch.exp(lse_suffix - lse)
+    return out.reshape(g, num_heads, head_dim)
