@@ -44,6 +44,7 @@ class RequestHandle:
         self._updates: queue.SimpleQueue[ReqUpdate] = queue.SimpleQueue()
         self._text_in_logprobs = return_text_in_logprobs
         self._created = time.monotonic()
+        self._finished_at: float | None = None
         self.text = ""
         self.output_ids: list[int] = []
         self._logprobs: list[float] = []
@@ -61,6 +62,7 @@ class RequestHandle:
         self._top += update.top_logprobs
         if update.final:
             self.finished, self._final = True, update
+            self._finished_at = time.monotonic()
         return update.text_delta
 
     def deltas(self) -> Iterator[str]:
@@ -91,7 +93,7 @@ class RequestHandle:
             "cached_tokens": self._final.meta["cached_tokens"]
             if self._final and self._final.meta
             else 0,
-            "e2e_latency": time.monotonic() - self._created,
+            "e2e_latency": (self._finished_at or time.monotonic()) - self._created,
         }
         if self._req.return_logprob:
             fmt = self._engine._logprob_triples
@@ -317,7 +319,7 @@ class Engine:
                 raise TypeError("prompt must be a string or a list of strings")
             token_lists = [self.tokenizer.encode(p) for p in prompts]
         else:
-            single = bool(input_ids) and isinstance(input_ids[0], int)
+            single = not input_ids or isinstance(input_ids[0], int)
             token_lists = [list(input_ids)] if single else [list(x) for x in input_ids]
         n = len(token_lists)
 

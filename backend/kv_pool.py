@@ -49,9 +49,8 @@ class KVPool:
         if slots.numel():
             self._free = torch.cat([self._free, slots.to(torch.int64).cpu()])
 
-    def reset(self) -> None:
-        """Mark every slot free (used by ``flush_cache`` when nothing is running)."""
-        self._free = torch.arange(1, self.num_slots + 1, dtype=torch.int64)
+    def has_duplicate_free_slots(self) -> bool:
+        return int(self._free.unique().numel()) != int(self._free.numel())
 
     def bytes_per_slot(self) -> int:
         k = self.k_buffers[0]

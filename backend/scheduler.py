@@ -397,6 +397,6 @@ class Scheduler:
             raise AssertionError(f"KV slots leaked or double-counted: {acc}")
         if not self.has_work() and (acc["protected"] or acc["owned_by_requests"]):
             raise AssertionError(f"idle engine still holds KV: {acc}")
-        if len(set(self.pool._free.tolist())) != acc["free"]:
+        if self.pool.has_duplicate_free_slots():
             raise AssertionError("a slot is free twice")
         return acc

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import TINY_ARCHS, write_tiny_model
 
 from backend.engine import Engine
+from backend.model_loader import resolve_model_dir
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +37,13 @@ def idle_engine(engine: Engine) -> Iterator[Engine]:
     acc = engine.check_kv_invariant()
     assert acc["protected"] == 0 and acc["owned_by_requests"] == 0
     assert acc["free"] + acc["evictable"] == acc["total"]
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny random-weight checkpoints of every supported architecture, one folder each."""
+    resolve_model_dir(None)  # the tokenizer they share comes from the embedded model's cache
+    root = tmp_path_factory.mktemp("tiny")
+    for arch in TINY_ARCHS:
+        write_tiny_model(root / arch, arch)
+    return root

@@ -6,6 +6,7 @@ import threading
 
 import pytest
 import torch
+from tiny_models import TINY_ARCHS
 
 from backend.engine import Engine
 
@@ -57,6 +58,24 @@ def test_greedy_matches_transformers_batched_then_cached(idle_engine: Engine, re
     for r in again:
         assert r["meta_info"]["cached_tokens"] == r["meta_info"]["prompt_tokens"] - 1
     assert again[0]["text"] == idle_engine.tokenizer.decode(reference[0], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_tiny_random_checkpoints_greedy_match_transformers(tiny_root, arch: str) -> None:
+    """Loading and generation for each architecture, through the engine, mixed lengths."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_root / arch
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with Engine(str(folder), max_total_tokens=2048, chunked_prefill_size=48) as eng:
+        expected = [hf_greedy(hf, eng, eng.tokenizer.encode(p), 32) for p in PROMPTS]
+        out = eng.generate(PROMPTS, GREEDY)
+        assert [r["output_ids"] for r in out] == expected
+        again = eng.generate(PROMPTS, GREEDY)  # now over cached prefixes
+        assert [r["output_ids"] for r in again] == expected
+        assert all(r["meta_info"]["cached_tokens"] > 0 for r in again)
+        eng.wait_idle()
+        eng.check_kv_invariant()
 
 
 def test_chunked_prefill_small_budget_matches(reference) -> None:

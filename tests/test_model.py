@@ -18,7 +18,7 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
-from tiny_models import TINY_ARCHS, write_tiny_model
+from tiny_models import TINY_ARCHS
 
 from backend.attention.torch_backend import MIN_SHARED_PREFIX, TorchAttentionBackend
 from backend.forward_batch import ForwardBatch, ForwardMode
@@ -50,14 +50,6 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def smol_dir() -> Path:
     return resolve_model_dir(None)
-
-
-@pytest.fixture(scope="session")
-def tiny_root(tmp_path_factory: pytest.TempPathFactory, smol_dir: Path) -> Path:
-    root = tmp_path_factory.mktemp("tiny")
-    for arch in TINY_ARCHS:
-        write_tiny_model(root / arch, arch)
-    return root
 
 
 @dataclass
