@@ -344,11 +344,7 @@ class Scheduler:
         requests that share the prefix reuse it while this one keeps running)."""
         if self.cache.disable:
             return
-        tokens = req.fill_ids[: req.num_kv]
-        slots = self.table.table[req.row, : req.num_kv]
-        present = self.cache.insert(tokens, slots.clone())
-        if present > req.num_tree_owned:
-            self.pool.free(slots[req.num_tree_owned : present].clone())
+        tokens = self._insert_computed(req)
         match = self.cache.match_prefix(tokens)
         assert len(match.slots) == req.num_kv
         self.table.table[req.row, : req.num_kv] = match.slots
@@ -357,19 +353,25 @@ class Scheduler:
             self.cache.dec_lock_ref(req.last_node)
         req.last_node, req.num_tree_owned = match.last_node, req.num_kv
 
+    def _insert_computed(self, req: Req) -> list[int]:
+        """Insert the request's computed tokens into the cache; free the slots it computed for
+        tokens that another request had cached meanwhile. Returns the inserted tokens."""
+        tokens = req.fill_ids[: req.num_kv]
+        slots = self.table.table[req.row, : req.num_kv]
+        present = self.cache.insert(tokens, slots)
+        if present > req.num_tree_owned:
+            self.pool.free(slots[req.num_tree_owned : present].clone())
+        return tokens
+
     def _release(self, req: Req) -> None:
         """Give everything ``req`` holds back: computed KV to the cache (or the pool when the
         cache is disabled), its lock, its table row. Outputs are kept (for retraction)."""
         if req.row is None:
             return
-        slots = self.table.table[req.row, : req.num_kv].clone()
         if self.cache.disable:
-            self.pool.free(slots)
+            self.pool.free(self.table.table[req.row, : req.num_kv].clone())
         else:
-            tokens = req.fill_ids[: req.num_kv]
-            present = self.cache.insert(tokens, slots)
-            if present > req.num_tree_owned:
-                self.pool.free(slots[req.num_tree_owned : present])
+            self._insert_computed(req)
             if req.last_node is not None:
                 self.cache.dec_lock_ref(req.last_node)
         self.table.free_row(req.row)
