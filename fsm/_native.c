@@ -1,0 +1,353 @@
+/*
+ * fsm._native: token masks computed by walking a token trie over a lazily filled DFA table.
+ *
+ * The DFA table is a C-contiguous int32[cap][256]: table[q][b] is the state reached from q on
+ * byte b, or -1 when that transition is dead. Row q may be read only once row_ready[q] != 0;
+ * otherwise the Python callback expand(q) fills it (and returns True), or returns False when
+ * the table must first grow to a larger capacity. A state q >= cap also asks for growth. In
+ * both cases the functions here stop at once and report it; the caller grows and calls again.
+ *
+ * The token trie is given as flat arrays over its nodes in DFS preorder, root excluded:
+ * node i consumes byte node_byte[i] at depth node_depth[i] (1 = child of the root), its subtree
+ * ends just before node node_skip[i], node_token[i] is a token whose bytes end at node i (or
+ * -1), and token_alias[t] chains tokens with identical bytes (increasing ids, -1 ends).
+ *
+ * fill_mask walks the nodes in order with a stack of DFA states indexed by depth: states[0]
+ * is the start state and states[d] the state after the d bytes of the current path. For node
+ * i at depth d the next state is table[states[d - 1]][node_byte[i]]:
+ *   - dead (-1): no token below node i can match, so the walk jumps to node_skip[i];
+ *   - live: it becomes states[d], the tokens ending at node i (and their aliases) are set in
+ *     the mask, and the walk goes on with node i + 1 (the first child of i, if any).
+ * A row is looked up (and expanded when not ready) only when a node reads it as its parent
+ * state, so the states of leaves never cost an expansion. The GIL is held throughout, since
+ * expand is Python code.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define ALPHABET 256
+#define ROW_OK 1
+#define ROW_GROW 0
+#define ROW_ERROR (-1)
+
+/* The lazily filled DFA table and the callback that fills it. */
+typedef struct {
+    const int32_t *table;
+    const uint8_t *ready;
+    Py_ssize_t cap;
+    PyObject *expand;
+} Dfa;
+
+/* Acquire a C-contiguous buffer of integers of the given item size; 0 on success, -1 with
+ * an exception set. On failure after acquisition, the view is still held (released by the
+ * caller's cleanup, which releases every view whose obj is set). */
+static int get_buffer(PyObject *obj, Py_buffer *view, const char *name, Py_ssize_t itemsize,
+                      int writable) {
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(obj, view, flags) < 0) {
+        return -1;
+    }
+    const char *fmt = view->format ? view->format : "B";
+    size_t len = strlen(fmt);
+    char code = len ? fmt[len - 1] : '?';
+    if (view->itemsize != itemsize || strchr("bBhHiIlLqQ", code) == NULL) {
+        PyErr_Format(PyExc_ValueError, "%s: expected a contiguous buffer of %zd-byte integers",
+                     name, itemsize);
+        return -1;
+    }
+    return 0;
+}
+
+static Py_ssize_t items(const Py_buffer *view) { return view->len / view->itemsize; }
+
+static inline int row_ready(const Dfa *dfa, Py_ssize_t q) {
+    return q < dfa->cap && dfa->ready[q];
+}
+
+/* Make row q ready by calling expand(q). Returns ROW_OK, ROW_GROW (expand returned False or
+ * q >= cap) or ROW_ERROR (exception set). */
+static int expand_row(const Dfa *dfa, Py_ssize_t q) {
+    if (q >= dfa->cap) {
+        return ROW_GROW;
+    }
+    PyObject *res = PyObject_CallFunction(dfa->expand, "n", q);
+    if (res == NULL) {
+        return ROW_ERROR;
+    }
+    int ok = PyObject_IsTrue(res);
+    Py_DECREF(res);
+    if (ok <= 0) {
+        return ok < 0 ? ROW_ERROR : ROW_GROW;
+    }
+    if (!dfa->ready[q]) {
+        PyErr_Format(PyExc_RuntimeError, "expand(%zd) returned True but row_ready[%zd] is 0", q,
+                     q);
+        return ROW_ERROR;
+    }
+    return ROW_OK;
+}
+
+/* Set up the DFA from its buffers and callback; 0 on success, -1 with an exception set. */
+static int init_dfa(Dfa *dfa, const Py_buffer *table, const Py_buffer *ready, PyObject *expand,
+                    Py_ssize_t start_state) {
+    if (table->ndim != 2 || table->shape[1] != ALPHABET) {
+        PyErr_SetString(PyExc_ValueError, "table: expected shape [cap, 256]");
+        return -1;
+    }
+    dfa->table = (const int32_t *)table->buf;
+    dfa->ready = (const uint8_t *)ready->buf;
+    dfa->cap = items(table) / ALPHABET;
+    dfa->expand = expand;
+    if (items(ready) != dfa->cap) {
+        PyErr_Format(PyExc_ValueError, "row_ready: expected %zd items (the table's rows), got %zd",
+                     dfa->cap, items(ready));
+        return -1;
+    }
+    if (!PyCallable_Check(expand)) {
+        PyErr_SetString(PyExc_TypeError, "expand must be callable");
+        return -1;
+    }
+    if (start_state < 0) {
+        PyErr_SetString(PyExc_ValueError, "start_state must be >= 0");
+        return -1;
+    }
+    return 0;
+}
+
+/* The trie arrays and the output mask. */
+typedef struct {
+    const uint8_t *byte;
+    const int32_t *depth;
+    const int32_t *skip;
+    const int32_t *token;
+    const int32_t *alias;
+    Py_ssize_t nodes;
+    Py_ssize_t size;
+    uint32_t *mask;
+} Trie;
+
+static int bad_trie(const char *what, Py_ssize_t i) {
+    PyErr_Format(PyExc_ValueError, "malformed token trie: %s at node/token %zd", what, i);
+    return -1;
+}
+
+/* Set the aliases of token t in the mask; 0 on success, -1 on a malformed chain. */
+static int mark_aliases(const Trie *trie, Py_ssize_t t) {
+    for (Py_ssize_t next = trie->alias[t]; next >= 0; t = next, next = trie->alias[t]) {
+        if (next <= t || next >= trie->size) {
+            return bad_trie("alias chain not increasing or out of range", t);
+        }
+        trie->mask[next >> 5] |= (uint32_t)1 << (next & 31);
+    }
+    return 0;
+}
+
+/* Set token t (when t >= 0) and its aliases in the mask; 0 on success, -1 on a bad id. The
+ * common case is branch-free: a node without a token sets a bit of *sink instead. */
+static inline int mark_token(const Trie *trie, int32_t t, uint32_t *sink) {
+    if (t >= trie->size) {
+        return bad_trie("token id out of range", t);
+    }
+    int has = t >= 0;
+    uint32_t *word = has ? &trie->mask[t >> 5] : sink;
+    *word |= (uint32_t)has << (t & 31);
+    return has && trie->alias[t] >= 0 ? mark_aliases(trie, t) : 0;
+}
+
+/* Grow the state stack so that index `need` is valid; 0 on success, -1 with MemoryError. */
+static int reserve(Py_ssize_t **states, Py_ssize_t *cap, Py_ssize_t need) {
+    if (need < *cap) {
+        return 0;
+    }
+    Py_ssize_t new_cap = *cap * 2 > need ? *cap * 2 : need + 1;
+    Py_ssize_t *grown = PyMem_Realloc(*states, (size_t)new_cap * sizeof(**states));
+    if (grown == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    *states = grown;
+    *cap = new_cap;
+    return 0;
+}
+
+/* The walk described in the header. Returns ROW_OK, ROW_GROW or ROW_ERROR. */
+static int walk_trie(const Dfa *dfa, const Trie *trie, Py_ssize_t start_state) {
+    Py_ssize_t stack_cap = 64;
+    Py_ssize_t *states = PyMem_Malloc((size_t)stack_cap * sizeof(*states));
+    if (states == NULL) {
+        PyErr_NoMemory();
+        return ROW_ERROR;
+    }
+    states[0] = start_state;
+    Py_ssize_t top = 0; /* states[0 .. top] are valid for the current path */
+    uint32_t sink = 0;
+    int status = ROW_OK;
+    Py_ssize_t i = 0;
+    while (status == ROW_OK && i < trie->nodes) {
+        Py_ssize_t d = trie->depth[i];
+        if (d < 1 || d > top + 1) {
+            bad_trie("depth out of order", i);
+            status = ROW_ERROR;
+            break;
+        }
+        Py_ssize_t q = states[d - 1];
+        if (!row_ready(dfa, q) && (status = expand_row(dfa, q)) != ROW_OK) {
+            break;
+        }
+        int32_t next = dfa->table[q * ALPHABET + trie->byte[i]];
+        if (next < 0) {
+            Py_ssize_t skip = trie->skip[i];
+            if (skip <= i || skip > trie->nodes) {
+                bad_trie("skip out of order", i);
+                status = ROW_ERROR;
+                break;
+            }
+            top = d - 1;
+            i = skip;
+            continue;
+        }
+        if (reserve(&states, &stack_cap, d) < 0 || mark_token(trie, trie->token[i], &sink) < 0) {
+            status = ROW_ERROR;
+            break;
+        }
+        states[d] = next;
+        top = d;
+        i++;
+    }
+    PyMem_Free(states);
+    return status;
+}
+
+#define N_BUFFERS 8
+
+static void release_all(Py_buffer *views) {
+    for (int k = 0; k < N_BUFFERS; k++) {
+        PyBuffer_Release(&views[k]);
+    }
+}
+
+static int init_trie(Trie *trie, Py_buffer *v) {
+    /* v: node_byte, node_depth, node_skip, node_token, token_alias, mask_out */
+    trie->nodes = items(&v[0]);
+    if (items(&v[1]) != trie->nodes || items(&v[2]) != trie->nodes ||
+        items(&v[3]) != trie->nodes) {
+        PyErr_SetString(PyExc_ValueError, "node arrays must all have the same length");
+        return -1;
+    }
+    trie->size = items(&v[4]);
+    if (items(&v[5]) != (trie->size + 31) / 32) {
+        PyErr_Format(PyExc_ValueError, "mask_out: expected %zd uint32 words, got %zd",
+                     (trie->size + 31) / 32, items(&v[5]));
+        return -1;
+    }
+    trie->byte = (const uint8_t *)v[0].buf;
+    trie->depth = (const int32_t *)v[1].buf;
+    trie->skip = (const int32_t *)v[2].buf;
+    trie->token = (const int32_t *)v[3].buf;
+    trie->alias = (const int32_t *)v[4].buf;
+    trie->mask = (uint32_t *)v[5].buf;
+    return 0;
+}
+
+PyDoc_STRVAR(fill_mask_doc,
+             "fill_mask(table, row_ready, node_byte, node_depth, node_skip, node_token, "
+             "token_alias, start_state, expand, mask_out) -> bool\n\n"
+             "Zero mask_out, then set the bit of every token whose bytes lead from start_state "
+             "through live transitions. Return False (mask unspecified) when the table must "
+             "grow first.");
+
+static PyObject *fill_mask(PyObject *Py_UNUSED(module), PyObject *args) {
+    PyObject *table_obj, *ready_obj, *expand, *objs[6];
+    Py_ssize_t start_state;
+    if (!PyArg_ParseTuple(args, "OOOOOOOnOO:fill_mask", &table_obj, &ready_obj, &objs[0],
+                          &objs[1], &objs[2], &objs[3], &objs[4], &start_state, &expand,
+                          &objs[5])) {
+        return NULL;
+    }
+    static const char *names[6] = {"node_byte",  "node_depth",  "node_skip",
+                                   "node_token", "token_alias", "mask_out"};
+    static const Py_ssize_t sizes[6] = {1, 4, 4, 4, 4, 4};
+    Py_buffer views[N_BUFFERS] = {{0}}; /* table, row_ready, then objs */
+    Dfa dfa;
+    Trie trie;
+    int status = ROW_ERROR;
+    if (get_buffer(table_obj, &views[0], "table", 4, 0) < 0 ||
+        get_buffer(ready_obj, &views[1], "row_ready", 1, 0) < 0) {
+        goto done;
+    }
+    for (int k = 0; k < 6; k++) {
+        if (get_buffer(objs[k], &views[2 + k], names[k], sizes[k], k == 5) < 0) {
+            goto done;
+        }
+    }
+    if (init_dfa(&dfa, &views[0], &views[1], expand, start_state) < 0 ||
+        init_trie(&trie, &views[2]) < 0) {
+        goto done;
+    }
+    memset(trie.mask, 0, (size_t)views[7].len);
+    status = walk_trie(&dfa, &trie, start_state);
+done:
+    release_all(views);
+    if (status == ROW_ERROR) {
+        return NULL;
+    }
+    return PyBool_FromLong(status == ROW_OK);
+}
+
+PyDoc_STRVAR(walk_bytes_doc,
+             "walk_bytes(table, row_ready, start_state, data, expand) -> int\n\n"
+             "The state reached from start_state by the bytes of data; -1 if a transition is "
+             "dead, -2 when the table must grow first.");
+
+static PyObject *walk_bytes(PyObject *Py_UNUSED(module), PyObject *args) {
+    PyObject *table_obj, *ready_obj, *data_obj, *expand;
+    Py_ssize_t state;
+    if (!PyArg_ParseTuple(args, "OOnOO:walk_bytes", &table_obj, &ready_obj, &state, &data_obj,
+                          &expand)) {
+        return NULL;
+    }
+    Py_buffer views[3] = {{0}};
+    Dfa dfa;
+    int status = ROW_ERROR;
+    if (get_buffer(table_obj, &views[0], "table", 4, 0) < 0 ||
+        get_buffer(ready_obj, &views[1], "row_ready", 1, 0) < 0 ||
+        get_buffer(data_obj, &views[2], "data", 1, 0) < 0 ||
+        init_dfa(&dfa, &views[0], &views[1], expand, state) < 0) {
+        goto done;
+    }
+    const uint8_t *data = (const uint8_t *)views[2].buf;
+    status = ROW_OK;
+    for (Py_ssize_t k = 0; k < views[2].len && state >= 0; k++) {
+        if (!row_ready(&dfa, state) && (status = expand_row(&dfa, state)) != ROW_OK) {
+            break;
+        }
+        int32_t next = dfa.table[state * ALPHABET + data[k]];
+        state = next < 0 ? -1 : next;
+    }
+done:
+    for (int k = 0; k < 3; k++) {
+        PyBuffer_Release(&views[k]);
+    }
+    if (status == ROW_ERROR) {
+        return NULL;
+    }
+    return PyLong_FromSsize_t(status == ROW_OK ? state : -2);
+}
+
+static PyMethodDef methods[] = {
+    {"fill_mask", fill_mask, METH_VARARGS, fill_mask_doc},
+    {"walk_bytes", walk_bytes, METH_VARARGS, walk_bytes_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "fsm._native",
+    .m_doc = "Token-trie walks over lazily filled DFA tables.",
+    .m_size = -1,
+    .m_methods = methods,
+};
+
+PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }

@@ -1,0 +1,854 @@
+"""JSON Schema to a byte-level term: the language of JSON texts that validate.
+
+The translation is exact where an automaton can be: every string of the language is a JSON
+text that validates against the schema (soundness, checked with `jsonschema` in the tests),
+and keywords an automaton cannot enforce raise `ConstraintError` naming the keyword and its
+location. Texts are written in one canonical form, the one `canonical_dumps` produces:
+
+- object keys in declared order (`properties` in order of first appearance over `$ref`,
+  `allOf` members and the schema itself, then `required` keys not declared), undeclared
+  keys after them; optional keys may be skipped;
+- no whitespace (or the `whitespace` pattern between tokens), strings with the escapes of
+  `json.dumps(..., ensure_ascii=False)`, numbers as JSON writes them.
+
+Further conventions: a schema without `type` is limited to the types its keywords describe
+(`properties` means object, and so on), which only narrows what is generated; free-form
+values (`{}`, `true`, undeclared properties) and recursive `$ref`s are expanded to a bounded
+depth; unknown `format`s and annotation keywords are ignored, as the specification says.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+from urllib.parse import unquote
+
+from jsonschema import validators
+
+from fsm import charset as cs
+from fsm.errors import ConstraintError
+from fsm.formats import format_regex
+from fsm.numeric import integer_range_regex, number_range_regex
+from fsm.regex import regex_term
+from fsm.terms import EMPTY, EPS, TermStore
+
+TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+_KEYWORD_TYPES = {
+    "properties": "object", "required": "object", "additionalProperties": "object",
+    "patternProperties": "object", "propertyNames": "object", "minProperties": "object",
+    "maxProperties": "object", "dependentRequired": "object", "dependencies": "object",
+    "dependentSchemas": "object", "items": "array", "prefixItems": "array",
+    "additionalItems": "array", "minItems": "array", "maxItems": "array", "contains": "array",
+    "uniqueItems": "array", "minLength": "string", "maxLength": "string", "pattern": "string",
+    "format": "string", "minimum": "number", "maximum": "number", "exclusiveMinimum": "number",
+    "exclusiveMaximum": "number", "multipleOf": "number",
+}  # fmt: skip
+_UNSUPPORTED = {
+    "contains": "array 'contains' needs counting over arbitrary items",
+    "minContains": "array 'contains' needs counting over arbitrary items",
+    "maxContains": "array 'contains' needs counting over arbitrary items",
+    "unevaluatedProperties": "it depends on which subschemas were evaluated",
+    "unevaluatedItems": "it depends on which subschemas were evaluated",
+    "$dynamicRef": "dynamic references are not supported",
+    "$recursiveRef": "dynamic references are not supported",
+    "dependentSchemas": "property-dependent subschemas are not supported",
+}
+_MAX_ALTERNATIVES = 64
+_MAX_PATTERN_REGIONS = 3
+
+
+@dataclass
+class Options:
+    """Translation options; `whitespace` is a regex for the gaps between JSON tokens."""
+
+    whitespace: str | None = None
+    max_ref_depth: int = 3
+    any_value_depth: int = 3
+    deadline: float = math.inf  # time.monotonic() limit
+
+
+@dataclass
+class _Object:
+    """Constraints of one object type after merging `allOf` members."""
+
+    declared: dict[str, list[Any]] = field(default_factory=dict)
+    required: list[str] = field(default_factory=list)
+    forbidden: set[str] = field(default_factory=set)
+
+
+def schema_term(
+    store: TermStore, schema: dict | bool | str, options: Options | None = None
+) -> int:
+    """The term for the canonical JSON texts that validate against `schema`."""
+    return _Translator(store, _load(schema), options or Options()).root()
+
+
+def canonical_dumps(instance: Any, schema: dict | bool | str) -> str:
+    """`instance` as the constrained decoder writes it for `schema` (compact, declared order)."""
+    return _Translator(TermStore(), _load(schema), Options()).dumps(instance)
+
+
+def _load(schema: dict | bool | str) -> dict | bool:
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise ConstraintError(f"json_schema is not valid JSON: {e}") from None
+    if not isinstance(schema, (dict, bool)):
+        raise ConstraintError(f"json_schema must be an object or a boolean, not {schema!r:.80}")
+    return schema
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+class _Translator:
+    def __init__(self, store: TermStore, root: dict | bool, options: Options) -> None:
+        self.s = store
+        self.root_schema = root
+        self.opt = options
+        self._memo: dict[tuple, int] = {}
+        self._any: dict[int, int] = {}
+        self._ref_stack: list[str] = []
+        self._reached: Counter[str] = Counter()
+        self._root_id = root.get("$id", root.get("id")) if isinstance(root, dict) else None
+        try:
+            cls = validators.validator_for(root) if isinstance(root, dict) else None
+        except Exception:  # an unknown $schema: validate with the latest draft
+            cls = None
+        self._validator = (cls or validators.Draft202012Validator)(root)
+        s = store
+        self.ws = EPS if options.whitespace is None else self._ws_term(options.whitespace)
+        self.colon = s.seq(self.ws, s.literal(b":"), self.ws)
+        self.comma = s.seq(self.ws, s.literal(b","), self.ws)
+        self.quote = s.literal(b'"')
+        self.json_char = cs.json_string_term(s, cs.ANY_CHAR)
+
+    def _ws_term(self, pattern: str) -> int:
+        term = regex_term(self.s, pattern)
+        if any(c not in b" \t\n\r" for c in _sample_bytes(self.s, term)):
+            raise ConstraintError(f"whitespace pattern {pattern!r} matches non-whitespace")
+        return term
+
+    # ------------------------------------------------------------------ entry points
+
+    def root(self) -> int:
+        return self.value(self.root_schema, "#")
+
+    def dumps(self, instance: Any) -> str:
+        return self._dumps(instance, self.root_schema, "#")
+
+    # ------------------------------------------------------------------ values
+
+    def value(self, schema: Any, path: str) -> int:
+        """Term for the values valid against `schema` (at JSON pointer `path`)."""
+        if time.monotonic() > self.opt.deadline:
+            raise ConstraintError("json_schema compilation ran out of time")
+        if schema is True or schema == {}:
+            return self.any_value(self.opt.any_value_depth)
+        if schema is False:
+            return EMPTY
+        if not isinstance(schema, dict):
+            raise self.error(path, f"a schema must be an object or a boolean, not {schema!r:.60}")
+        key = (id(schema), tuple(self._ref_stack))
+        term = self._memo.get(key)
+        if term is None:
+            term = self._memo[key] = self._value(schema, path)
+        return term
+
+    def _value(self, schema: dict, path: str) -> int:
+        saved = self._ref_stack
+        self._reached = Counter(saved)
+        alternatives = self.alternatives(schema, path)
+        # Subschemas of the members count the $refs that led to any member as entered.
+        self._ref_stack = list(self._reached.elements())
+        try:
+            return self.s.alt(*(self.conjunction(members, path) for members in alternatives))
+        finally:
+            self._ref_stack = saved
+
+    def alternatives(self, schema: dict, path: str) -> list[list[tuple[dict, str]]]:
+        """`schema` as a union of conjunctions of members free of $ref/allOf/anyOf/oneOf."""
+        out: list[list[tuple[dict, str]]] = [[]]
+        for member, mpath in self.flatten(schema, path):
+            branches = self.branches(member, mpath)
+            if branches is None:
+                out = [conj + [(member, mpath)] for conj in out]
+                continue
+            out = [conj + [(member, mpath), *b] for conj in out for b in branches]
+            if len(out) > _MAX_ALTERNATIVES:
+                raise self.error(mpath, "too many anyOf/oneOf combinations")
+        return out
+
+    def branches(self, member: dict, path: str) -> list[list[tuple[dict, str]]] | None:
+        """The flattened alternatives of a member's `anyOf` and `oneOf` (None if it has neither)."""
+        result = None
+        for kw in ("anyOf", "oneOf"):
+            if kw not in member:
+                continue
+            subs = member[kw]
+            if not isinstance(subs, list) or not subs:
+                raise self.error(path, f"'{kw}' must be a non-empty array")
+            if kw == "oneOf":
+                self.check_exclusive(subs, f"{path}/oneOf")
+            found = [
+                conj
+                for i, sub in enumerate(subs)
+                for conj in self._sub_alternatives(sub, f"{path}/{kw}/{i}")
+            ]
+            result = found if result is None else [a + b for a in result for b in found]
+        return result
+
+    def _sub_alternatives(self, sub: Any, path: str) -> list[list[tuple[dict, str]]]:
+        if sub is False:
+            return []
+        if sub is True:
+            return [[({}, path)]]
+        if not isinstance(sub, dict):
+            raise self.error(path, "a schema must be an object or a boolean")
+        return self.alternatives(sub, path)
+
+    def flatten(self, schema: dict, path: str) -> Iterator[tuple[dict, str]]:
+        """`schema` and, recursively, its `$ref` targets and `allOf` members."""
+        if "$ref" in schema:
+            target, tpath = self.resolve(schema["$ref"], path)
+            if self._ref_stack.count(tpath) >= self.opt.max_ref_depth:
+                yield {"not": {}}, tpath  # recursion bound: nothing deeper
+            elif target is False:
+                yield {"not": {}}, tpath
+            elif isinstance(target, dict):
+                self._ref_stack.append(tpath)
+                self._reached |= Counter(self._ref_stack)
+                try:
+                    yield from self.flatten(target, tpath)
+                finally:
+                    self._ref_stack.pop()
+        for i, sub in enumerate(schema.get("allOf", ())):
+            if sub is False:
+                yield {"not": {}}, f"{path}/allOf/{i}"
+            elif isinstance(sub, dict):
+                yield from self.flatten(sub, f"{path}/allOf/{i}")
+        yield schema, path
+
+    def resolve(self, ref: Any, path: str) -> tuple[Any, str]:
+        if not isinstance(ref, str):
+            raise self.error(path, "'$ref' must be a string")
+        base, _, fragment = ref.partition("#")
+        if base and base != self._root_id:
+            raise self.error(path, f"remote $ref {ref!r} is not supported (only local references)")
+        node: Any = self.root_schema
+        if fragment and not fragment.startswith("/"):
+            found = _find_anchor(self.root_schema, fragment)
+            if found is None:
+                raise self.error(path, f"$ref {ref!r}: no such anchor")
+            return found, f"#{fragment}"
+        for part in fragment.split("/")[1:]:
+            part = unquote(part).replace("~1", "/").replace("~0", "~")
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            elif isinstance(node, dict) and part in node:
+                node = node[part]
+            else:
+                raise self.error(path, f"$ref {ref!r} does not resolve")
+        return node, "#" + fragment
+
+    # ------------------------------------------------------------------ conjunctions
+
+    def conjunction(self, members: list[tuple[dict, str]], path: str) -> int:
+        """Term for values valid against every member (members have no combinators)."""
+        for member, mpath in members:
+            for kw, why in _UNSUPPORTED.items():
+                if kw in member:
+                    raise self.error(mpath, f"'{kw}' is not supported: {why}")
+            if "not" in member and member["not"] != {}:
+                raise self.error(mpath, "'not' is not supported")
+            if any(k in member for k in ("if", "then", "else")) and "if" in member:
+                raise self.error(mpath, "'if'/'then'/'else' is not supported")
+        if any(m.get("not") == {} for m, _ in members):
+            return EMPTY
+        values = self.finite_values(members)
+        if values is not None:
+            return self.s.alt(*(self.s.literal(_dumps(v).encode()) for v in values))
+        terms = [self.typed(t, members, path) for t in self.allowed_types(members)]
+        return self.s.alt(*terms)
+
+    def finite_values(self, members: list[tuple[dict, str]]) -> list[Any] | None:
+        """The `enum`/`const` values every member accepts, or None if no member lists values."""
+        candidates = None
+        for member, mpath in members:
+            vals = None
+            if "const" in member:
+                vals = [member["const"]]
+            elif "enum" in member:
+                if not isinstance(member["enum"], list):
+                    raise self.error(mpath, "'enum' must be an array")
+                vals = member["enum"]
+            if vals is not None and candidates is None:
+                candidates = vals
+        if candidates is None:
+            return None
+        out = []
+        for v in candidates:
+            if all(self._validator.evolve(schema=m).is_valid(v) for m, _ in members):
+                if v not in out:
+                    out.append(v)
+        return out
+
+    def allowed_types(self, members: list[tuple[dict, str]]) -> list[str]:
+        allowed = set(TYPES)
+        for member, mpath in members:
+            declared = member.get("type")
+            if declared is None:
+                implied = {_KEYWORD_TYPES[k] for k in member if k in _KEYWORD_TYPES}
+                if implied:
+                    allowed &= implied | ({"integer"} if "number" in implied else set())
+                continue
+            names = [declared] if isinstance(declared, str) else declared
+            if not isinstance(names, list) or any(n not in TYPES for n in names):
+                raise self.error(mpath, f"'type' has an unknown type: {declared!r}")
+            names = set(names) | ({"integer"} if "number" in names else set())
+            if member.get("nullable") is True:
+                names.add("null")
+            allowed &= names
+        if "integer" in allowed and "number" in allowed:
+            allowed.discard("integer")  # the number language contains every integer
+        return [t for t in TYPES if t in allowed]
+
+    def typed(self, kind: str, members: list[tuple[dict, str]], path: str) -> int:
+        s = self.s
+        if kind == "null":
+            return s.literal(b"null")
+        if kind == "boolean":
+            return s.alt(s.literal(b"true"), s.literal(b"false"))
+        if kind == "string":
+            return self.string(members)
+        if kind in ("number", "integer"):
+            return self.number(members, integer=kind == "integer")
+        if kind == "array":
+            return self.array(members, path)
+        return self.object(members, path)
+
+    # ------------------------------------------------------------------ strings
+
+    def string(self, members: list[tuple[dict, str]]) -> int:
+        s = self.s
+        lo, hi = 0, None
+        parts = []
+        for member, mpath in members:
+            lo = max(lo, _int_keyword(member, "minLength", mpath, self) or 0)
+            mx = _int_keyword(member, "maxLength", mpath, self)
+            hi = mx if hi is None else (hi if mx is None else min(hi, mx))
+            if "pattern" in member:
+                parts.append(self.pattern(member["pattern"], mpath, search=True))
+            fmt = member.get("format")
+            if isinstance(fmt, str) and (regex := format_regex(fmt)) is not None:
+                parts.append(self.pattern(regex, mpath, search=False))
+        length = s.repeat(self.json_char, lo, hi)
+        if parts and lo == 0 and hi is None:
+            content = s.and_(*parts)
+        else:
+            content = s.and_(length, *parts)
+        return s.seq(self.quote, content, self.quote)
+
+    def pattern(self, pattern: Any, path: str, *, search: bool) -> int:
+        if not isinstance(pattern, str):
+            raise self.error(path, "'pattern' must be a string")
+        try:
+            return regex_term(
+                self.s, pattern, flavor="ecma", search=search, encode=cs.json_string_term
+            )
+        except ConstraintError as e:
+            raise self.error(path, f"pattern: {e}") from None
+
+    # ------------------------------------------------------------------ numbers
+
+    def number(self, members: list[tuple[dict, str]], *, integer: bool) -> int:
+        lo: Decimal | None = None
+        hi: Decimal | None = None
+        lo_excl = hi_excl = False
+        multiples: list[Decimal] = []
+        for member, mpath in members:
+            for kw in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
+                v = member.get(kw)
+                if isinstance(v, bool) or v is None:
+                    continue  # draft-4 boolean exclusives are read with their bound below
+                if not isinstance(v, (int, float)):
+                    raise self.error(mpath, f"'{kw}' must be a number")
+                d = Decimal(str(v))
+                excl = kw.startswith("exclusive") or member.get(
+                    "exclusive" + kw[0].upper() + kw[1:]
+                ) is True
+                if "inimum" in kw and (lo is None or d > lo or (d == lo and excl)):
+                    lo, lo_excl = d, excl
+                elif "aximum" in kw and (hi is None or d < hi or (d == hi and excl)):
+                    hi, hi_excl = d, excl
+            if "multipleOf" in member:
+                m = member["multipleOf"]
+                if isinstance(m, bool) or not isinstance(m, (int, float)) or m <= 0:
+                    raise self.error(mpath, "'multipleOf' must be a positive number")
+                multiples.append(Decimal(str(m)))
+        path = members[-1][1]
+        try:
+            if integer or any(m == m.to_integral_value() for m in multiples):
+                ilo = None if lo is None else _int_bound(lo, lo_excl, up=True)
+                ihi = None if hi is None else _int_bound(hi, hi_excl, up=False)
+                term = self._regex(integer_range_regex(ilo, ihi))
+                return self.s.and_(term, *(self._int_multiple(m, path) for m in multiples))
+            regex = number_range_regex(
+                None if lo is None else _plain(lo),
+                None if hi is None else _plain(hi),
+                exclusive_minimum=lo_excl,
+                exclusive_maximum=hi_excl,
+            )
+        except ValueError as e:
+            raise self.error(path, f"number bounds: {e}") from None
+        return self.s.and_(self._regex(regex), *(self._decimal_multiple(m, path) for m in multiples))
+
+    def _int_multiple(self, m: Decimal, path: str) -> int:
+        k = int(m)
+        if k == 1:
+            return self.s.anything
+        for digits in (1, 2, 3):
+            if 10**digits % k == 0:
+                endings = [f"{r:0{digits}d}" for r in range(0, 10**digits, k)]
+                short = [str(r) for r in range(0, 10 ** (digits - 1), k)] if digits > 1 else []
+                body = "|".join([f"[0-9]*(?:{'|'.join(endings)})", *short])
+                return self._regex(f"-?(?:{body})")
+        raise self.error(path, f"'multipleOf': {k} (only divisors of 1000 are supported)")
+
+    def _decimal_multiple(self, m: Decimal, path: str) -> int:
+        exponent = m.normalize().as_tuple().exponent
+        if not isinstance(exponent, int) or m.normalize() != Decimal(1).scaleb(exponent):
+            raise self.error(path, f"'multipleOf': {m} (only powers of ten are supported)")
+        digits = -exponent
+        return self._regex(f"-?(?:0|[1-9][0-9]*)(?:\\.[0-9]{{1,{digits}}}0*)?")
+
+    def _regex(self, regex: str) -> int:
+        return regex_term(self.s, regex)
+
+    # ------------------------------------------------------------------ arrays
+
+    def array(self, members: list[tuple[dict, str]], path: str) -> int:
+        s = self.s
+        lo, hi = 0, None
+        prefix: list[list[Any]] = []
+        rest: list[Any] = []
+        for member, mpath in members:
+            lo = max(lo, _int_keyword(member, "minItems", mpath, self) or 0)
+            mx = _int_keyword(member, "maxItems", mpath, self)
+            hi = mx if hi is None else (hi if mx is None else min(hi, mx))
+            items, tail = _item_schemas(member)
+            for i, sub in enumerate(items):
+                if i == len(prefix):
+                    prefix.append(list(rest))  # earlier members' rest schema covers position i
+                prefix[i].append(sub)
+            for i in range(len(items), len(prefix)):
+                prefix[i].append(tail)
+            rest.append(tail)
+        unique = any(m.get("uniqueItems") is True for m, _ in members)
+        if unique and (hi is None or hi > 1):
+            raise self.error(path, "'uniqueItems' is not supported: an automaton cannot compare items")
+        item_terms = [self._all_of(subs, f"{path}/items/{i}") for i, subs in enumerate(prefix)]
+        rest_term = self._all_of(rest, f"{path}/items")
+        if hi is not None and hi < lo:
+            return EMPTY
+        body = self._array_body(item_terms, rest_term, lo, hi)
+        return s.seq(s.literal(b"["), self.ws, body, self.ws, s.literal(b"]"))
+
+    def _array_body(self, items: list[int], rest: int, lo: int, hi: int | None) -> int:
+        s = self.s
+        n = len(items)
+        if hi is not None:
+            items = items[:hi]
+        # tail(i): elements from position i on, i > 0 (each preceded by a comma)
+        if hi is not None and hi <= len(items):
+            tail = EPS
+        else:
+            more_lo = max(lo - len(items), 0)
+            more_hi = None if hi is None else hi - len(items)
+            if n == 0:
+                first = s.seq(rest, s.repeat(s.seq(self.comma, rest), max(more_lo - 1, 0),
+                                             None if more_hi is None else more_hi - 1))  # fmt: skip
+                return s.alt(first, EPS) if more_lo == 0 else first
+            tail = s.repeat(s.seq(self.comma, rest), more_lo, more_hi)
+        for i in range(len(items) - 1, -1, -1):
+            sep = EPS if i == 0 else self.comma
+            tail = s.seq(sep, items[i], tail)
+            if i >= lo:
+                tail = s.alt(tail, EPS)
+        return tail
+
+    def _all_of(self, schemas: list[Any], path: str) -> int:
+        schemas = [x for x in schemas if x is not True and x != {}]
+        if not schemas:
+            return self.any_value(self.opt.any_value_depth)
+        if len(schemas) == 1:
+            return self.value(schemas[0], path)
+        if any(x is False for x in schemas):
+            return EMPTY
+        return self.value({"allOf": schemas}, path)
+
+    # ------------------------------------------------------------------ objects
+
+    def merge_objects(self, members: list[tuple[dict, str]]) -> tuple[_Object, list, list]:
+        """Declared keys with their schemas, and the members' rules for undeclared keys."""
+        obj = _Object()
+        for member, mpath in members:
+            props = member.get("properties", {})
+            if not isinstance(props, dict):
+                raise self.error(mpath, "'properties' must be an object")
+            for key, sub in props.items():
+                obj.declared.setdefault(key, [])
+            req = member.get("required", [])
+            if not isinstance(req, list):
+                req = []  # draft-3 boolean 'required' on a property: annotation here
+            for key in req:
+                if isinstance(key, str) and key not in obj.required:
+                    obj.required.append(key)
+        for key in obj.required:
+            obj.declared.setdefault(key, [])
+        extra_rules = []  # per member: (patterns [(regex, schema)], additional schema)
+        names = []
+        for member, mpath in members:
+            props = member.get("properties", {})
+            patterns = member.get("patternProperties", {})
+            additional = member.get("additionalProperties", True)
+            if not isinstance(patterns, dict):
+                raise self.error(mpath, "'patternProperties' must be an object")
+            for key, schemas in obj.declared.items():
+                if key in props:
+                    schemas.append(props[key])
+                    continue
+                matched = [sub for p, sub in patterns.items() if self._matches(p, key, mpath)]
+                if matched:
+                    schemas.extend(matched)
+                elif additional is False:
+                    obj.forbidden.add(key)
+                elif additional is not True:
+                    schemas.append(additional)
+            if patterns or additional is not True:
+                extra_rules.append((mpath, list(patterns.items()), additional))
+            if "propertyNames" in member:
+                names.append((member["propertyNames"], mpath))
+            for kw in ("dependentRequired", "dependencies"):
+                if member.get(kw):
+                    raise self.error(mpath, f"'{kw}' is not supported")
+        for schema, mpath in names:
+            for key in list(obj.declared):
+                if not self._validator.evolve(schema=schema).is_valid(key):
+                    obj.forbidden.add(key)
+        return obj, extra_rules, names
+
+    def _matches(self, pattern: str, key: str, path: str) -> bool:
+        try:
+            return re.search(pattern, key) is not None
+        except re.error as e:
+            raise self.error(path, f"patternProperties: invalid regex {pattern!r}: {e}") from None
+
+    def object(self, members: list[tuple[dict, str]], path: str) -> int:
+        s = self.s
+        obj, extra_rules, names = self.merge_objects(members)
+        pairs = []  # (term of '"key":value', required)
+        for key, schemas in obj.declared.items():
+            required = key in obj.required
+            value = EMPTY if key in obj.forbidden else self._all_of(schemas, f"{path}/properties/{key}")
+            if value == EMPTY:
+                if required:
+                    return EMPTY
+                continue
+            pairs.append((s.seq(s.literal(_dumps(key).encode()), self.colon, value), required))
+        extra = self.extra_members(obj, extra_rules, names, path)
+        term = s.seq(s.literal(b"{"), self.ws, self._members(pairs, extra), self.ws, s.literal(b"}"))
+        if self._needs_member(members, len(obj.required)):
+            term = s.and_(term, s.not_(s.seq(s.literal(b"{"), self.ws, s.literal(b"}"))))
+        return term
+
+    def _members(self, pairs: list[tuple[int, bool]], extra: int) -> int:
+        """Members in order, optional ones skippable, `extra` pairs after them, commas between."""
+        s = self.s
+        if extra == EMPTY:
+            after_first = before_first = EPS
+        else:
+            extras = s.seq(extra, s.star(s.seq(self.comma, extra)))
+            before_first = s.optional(extras)
+            after_first = s.optional(s.seq(self.comma, extras))
+        for pair, required in reversed(pairs):
+            with_first = s.seq(pair, after_first)
+            with_later = s.seq(self.comma, pair, after_first)
+            if required:
+                before_first, after_first = with_first, with_later
+            else:
+                before_first = s.alt(with_first, before_first)
+                after_first = s.alt(with_later, after_first)
+        return before_first
+
+    def extra_members(self, obj: _Object, rules: list, names: list, path: str) -> int:
+        """Term for one undeclared '"key":value' pair (EMPTY when none is allowed)."""
+        s = self.s
+        declared = [s.literal(_dumps(k).encode()) for k in obj.declared]
+        key_base = s.and_(self.any_string(), s.not_(s.alt(*declared))) if declared else self.any_string()
+        for schema, mpath in names:
+            key_base = s.and_(key_base, self.value(schema, f"{mpath}/propertyNames"))
+        if not rules:
+            return s.seq(key_base, self.colon, self.any_value(self.opt.any_value_depth - 1))
+        with_patterns = [r for r in rules if r[1]]
+        if len(with_patterns) > 1:
+            raise self.error(path, "patternProperties in several allOf members are not supported")
+        others = [additional for _, patterns, additional in rules if not patterns]
+        if any(a is False for a in others):
+            return EMPTY
+        if not with_patterns:
+            value = self._all_of(others, f"{path}/additionalProperties")
+            return s.seq(key_base, self.colon, value) if value != EMPTY else EMPTY
+        mpath, patterns, additional = with_patterns[0]
+        if len(patterns) > _MAX_PATTERN_REGIONS:
+            raise self.error(mpath, f"more than {_MAX_PATTERN_REGIONS} patternProperties")
+        langs = [self._key_pattern(p, mpath) for p, _ in patterns]
+        out = []
+        for subset in range(1 << len(patterns)):
+            inside = [i for i in range(len(patterns)) if subset >> i & 1]
+            key = s.and_(
+                key_base,
+                *(langs[i] if i in inside else s.not_(langs[i]) for i in range(len(patterns))),
+            )
+            schemas = [patterns[i][1] for i in inside] if inside else [additional]
+            if not inside and additional is False:
+                continue
+            value = self._all_of(schemas + others, f"{mpath}/patternProperties")
+            if value != EMPTY and not s.is_empty(key):
+                out.append(s.seq(key, self.colon, value))
+        return s.alt(*out)
+
+    def _key_pattern(self, pattern: str, path: str) -> int:
+        return self.s.seq(self.quote, self.pattern(pattern, path, search=True), self.quote)
+
+    def _needs_member(self, members: list[tuple[dict, str]], required: int) -> bool:
+        """Whether `minProperties` asks for a non-empty object beyond the required keys."""
+        needs = False
+        for member, mpath in members:
+            mn = _int_keyword(member, "minProperties", mpath, self) or 0
+            if mn > max(required, 1):
+                raise self.error(mpath, f"'minProperties' {mn} above the required keys")
+            needs |= mn > required
+            if _int_keyword(member, "maxProperties", mpath, self) is not None:
+                raise self.error(mpath, "'maxProperties' is not supported")
+        return needs
+
+    # ------------------------------------------------------------------ free-form values
+
+    def any_string(self) -> int:
+        return self.s.seq(self.quote, self.s.star(self.json_char), self.quote)
+
+    def any_value(self, depth: int) -> int:
+        """Any JSON value nested at most `depth` containers deep."""
+        term = self._any.get(depth)
+        if term is not None:
+            return term
+        s = self.s
+        scalars = [
+            self.any_string(),
+            self._regex(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"),
+            s.literal(b"true"),
+            s.literal(b"false"),
+            s.literal(b"null"),
+        ]
+        if depth > 0:
+            inner = self.any_value(depth - 1)
+            items = s.seq(inner, s.star(s.seq(self.comma, inner)))
+            pair = s.seq(self.any_string(), self.colon, inner)
+            pairs = s.seq(pair, s.star(s.seq(self.comma, pair)))
+            scalars.append(s.seq(s.literal(b"["), self.ws, s.optional(items), self.ws, s.literal(b"]")))
+            scalars.append(s.seq(s.literal(b"{"), self.ws, s.optional(pairs), self.ws, s.literal(b"}")))
+        term = self._any[depth] = s.alt(*scalars)
+        return term
+
+    # ------------------------------------------------------------------ oneOf
+
+    def check_exclusive(self, subs: list[Any], path: str) -> None:
+        """Raise unless every two `oneOf` branches provably accept no common value."""
+        infos = [self._branch_info(sub, f"{path}/{i}") for i, sub in enumerate(subs)]
+        for i in range(len(subs)):
+            for j in range(i + 1, len(subs)):
+                if not _disjoint(infos[i], infos[j]):
+                    raise self.error(
+                        path,
+                        f"'oneOf' branches {i} and {j} may both match a value, so exactly-one "
+                        "cannot be enforced (use anyOf if overlap is acceptable)",
+                    )
+
+    def _branch_info(self, sub: Any, path: str) -> dict:
+        if not isinstance(sub, dict):
+            return {"types": set(TYPES) if sub is True else set()}
+        members = [m for m, _ in self.flatten(sub, path)]
+        if any(("anyOf" in m or "oneOf" in m) for m in members):
+            return {"types": set(TYPES)}
+        values = self.finite_values([(m, path) for m in members])
+        types = set(self.allowed_types([(m, path) for m in members]))
+        if "number" in types:
+            types.add("integer")
+        consts: dict[str, list] = {}
+        required: set[str] = set()
+        closed: set[str] | None = None
+        for m in members:
+            required |= {k for k in m.get("required", []) if isinstance(k, str)}
+            for k, prop in m.get("properties", {}).items():
+                vals = self.finite_values([(prop, path)]) if isinstance(prop, dict) else None
+                if vals is not None:
+                    consts[k] = vals
+            if m.get("additionalProperties") is False and not m.get("patternProperties"):
+                keys = set(m.get("properties", {}))
+                closed = keys if closed is None else closed & keys
+        return {"types": types, "values": values, "consts": consts, "required": required,
+                "closed": closed}  # fmt: skip
+
+    # ------------------------------------------------------------------ canonical form
+
+    def _dumps(self, value: Any, schema: Any, path: str) -> str:
+        if isinstance(value, list):
+            items = [self._dumps(v, self._item_schema(schema, i, path), path) for i, v in enumerate(value)]
+            return "[" + ",".join(items) + "]"
+        if not isinstance(value, dict) or not isinstance(schema, dict):
+            return _dumps(value)
+        members = self._matching_members(value, schema, path)
+        obj, _, _ = self.merge_objects(members)
+        order = [k for k in obj.declared if k in value] + [k for k in value if k not in obj.declared]
+        parts = []
+        for key in order:
+            sub = self._property_schema(members, key)
+            parts.append(_dumps(key) + ":" + self._dumps(value[key], sub, path))
+        return "{" + ",".join(parts) + "}"
+
+    def _matching_members(self, value: Any, schema: dict, path: str) -> list[tuple[dict, str]]:
+        for conj in self.alternatives(schema, path):
+            if all(self._validator.evolve(schema=m).is_valid(value) for m, _ in conj):
+                return conj
+        return list(self.flatten(schema, path))
+
+    def _property_schema(self, members: list[tuple[dict, str]], key: str) -> dict:
+        schemas = []
+        for member, _ in members:
+            if key in member.get("properties", {}):
+                schemas.append(member["properties"][key])
+                continue
+            matched = [
+                sub for p, sub in member.get("patternProperties", {}).items() if re.search(p, key)
+            ]
+            extra = member.get("additionalProperties", True)
+            schemas.extend(matched or ([extra] if isinstance(extra, dict) else []))
+        return {"allOf": schemas}
+
+    def _item_schema(self, schema: Any, index: int, path: str) -> Any:
+        if not isinstance(schema, dict):
+            return True
+        schemas = []
+        for member, _ in self.flatten(schema, path):
+            items, tail = _item_schemas(member)
+            schemas.append(items[index] if index < len(items) else tail)
+        return {"allOf": schemas}
+
+    def error(self, path: str, message: str) -> ConstraintError:
+        return ConstraintError(f"json_schema at {path}: {message}")
+
+
+def _disjoint(a: dict, b: dict) -> bool:
+    """Whether no JSON value can satisfy both branch summaries."""
+    if not (a["types"] & b["types"]):
+        return True
+    if a.get("values") is not None and b.get("values") is not None:
+        return not any(_json_equal(v, w) for v in a["values"] for w in b["values"])
+    if a["types"] | b["types"] != {"object"} and (a["types"] & b["types"]) != {"object"}:
+        return False
+    for key in a.get("required", set()) & b.get("required", set()):
+        va, vb = a["consts"].get(key), b["consts"].get(key)
+        if va is not None and vb is not None and not any(_json_equal(x, y) for x in va for y in vb):
+            return True
+    if b.get("closed") is not None and a.get("required", set()) - b["closed"]:
+        return True
+    return a.get("closed") is not None and bool(b.get("required", set()) - a["closed"])
+
+
+def _json_equal(a: Any, b: Any) -> bool:
+    """JSON equality: booleans are not numbers, 1 == 1.0."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_json_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_json_equal(a[k], b[k]) for k in a)
+    return a == b
+
+
+def _item_schemas(member: dict) -> tuple[list[Any], Any]:
+    """A member's per-position item schemas and the schema of the items after them."""
+    if "prefixItems" in member:
+        return list(member["prefixItems"]), member.get("items", True)
+    items = member.get("items", True)
+    if isinstance(items, list):
+        return list(items), member.get("additionalItems", True)
+    return [], items
+
+
+def _int_keyword(member: dict, kw: str, path: str, tr: _Translator) -> int | None:
+    v = member.get(kw)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or v != int(v):
+        raise tr.error(path, f"'{kw}' must be a non-negative integer")
+    return int(v)
+
+
+def _int_bound(d: Decimal, exclusive: bool, *, up: bool) -> int:
+    if up:
+        n = math.ceil(d)
+        return n + 1 if exclusive and n == d else n
+    n = math.floor(d)
+    return n - 1 if exclusive and n == d else n
+
+
+def _plain(d: Decimal) -> int | float:
+    return int(d) if d == d.to_integral_value() else float(d)
+
+
+def _find_anchor(node: Any, name: str) -> Any:
+    if isinstance(node, dict):
+        if node.get("$anchor") == name or node.get("$id") == "#" + name or node.get("id") == "#" + name:
+            return node
+        children = node.values()
+    elif isinstance(node, list):
+        children = node
+    else:
+        return None
+    for child in children:
+        found = _find_anchor(child, name)
+        if found is not None:
+            return found
+    return None
+
+
+def _sample_bytes(store: TermStore, term: int, limit: int = 64) -> set[int]:
+    """Bytes that can occur in strings of `term` (explores at most `limit` states)."""
+    seen = {term}
+    frontier = [term]
+    out: set[int] = set()
+    while frontier and len(seen) < limit:
+        t = frontier.pop()
+        for mask, nxt in store.row(t):
+            if nxt == EMPTY:
+                continue
+            out |= {b for b in range(256) if mask >> b & 1}
+            if nxt not in seen:
+                seen.add(nxt)
+                frontier.append(nxt)
+    return out

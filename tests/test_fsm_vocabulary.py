@@ -1,0 +1,372 @@
+"""Token bytes of real and in-memory tokenizers, the token trie, and the native mask walk
+(checked against a pure-Python reference on random DFAs and vocabularies)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from backend.model_loader import load_tokenizer, resolve_model_dir
+from fsm.token_trie import DEAD, GROW, TokenTrie, walk_bytes
+from fsm.vocabulary import Vocabulary
+
+TEXTS = [
+    "Hello, world! The quick brown fox jumps over the lazy dog.",
+    "café naïve Ωμέγα façade — “quotes” and ß",
+    "中文测试：你好，世界！日本語のテキスト。한국어",
+    "emoji 🎉🎉 party 🧑‍🚀 astronaut, flag 🇫🇷, thumbs 👍🏽",
+    '{"key": "va\\"lue\\n", "n": [1, -2.5e+10, true, null], "u": "\\u00e9\\ud83d\\ude00"}',
+    "  leading spaces,\ttabs\n\nand   runs    of     spaces\r\n\t\t end  ",
+    "digits 0123456789 and 3.14159, 1e-9",
+]
+
+
+# --- The real embedded tokenizer (byte-level BPE) -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smol_tok():
+    return load_tokenizer(resolve_model_dir(None))
+
+
+@pytest.fixture(scope="module")
+def smol_vocab(smol_tok) -> Vocabulary:
+    return Vocabulary.from_tokenizer(smol_tok)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_byte_level_round_trip(smol_tok, smol_vocab: Vocabulary, text: str) -> None:
+    ids = smol_tok.encode(text, add_special_tokens=False)
+    assert smol_vocab.encode_bytes(ids) == text.encode()
+
+
+def test_byte_level_specials_and_eos(smol_tok, smol_vocab: Vocabulary) -> None:
+    assert smol_vocab.size == len(smol_tok) == len(smol_vocab.token_bytes)
+    special = set(smol_tok.all_special_ids) | {
+        i for i, t in smol_tok.added_tokens_decoder.items() if t.special
+    }
+    assert special
+    assert all(smol_vocab.token_bytes[i] is None for i in special)
+    assert sum(b is None for b in smol_vocab.token_bytes) == len(special)
+    assert smol_vocab.eos_token_ids == {smol_tok.eos_token_id}
+    assert Vocabulary.from_tokenizer(smol_tok, eos_token_ids=[0, 2]).eos_token_ids == {0, 2}
+    with pytest.raises(ValueError):
+        smol_vocab.encode_bytes([smol_tok.eos_token_id])
+
+
+def test_byte_level_tokens_match_decode(smol_tok) -> None:
+    """Every token whose bytes are valid UTF-8 decodes alone to exactly those bytes, added
+    non-special tokens included (they go through the ByteLevel decoder too)."""
+    tok = copy.deepcopy(smol_tok)
+    tok.add_tokens(["ĠĠzz", "é x", "<think>", AddedToken("<tool>", special=True)])
+    vocab = Vocabulary.from_tokenizer(tok)
+    assert vocab.token_bytes[-4:-1] == [b"  zz", "é x".encode(), b"<think>"]
+    assert vocab.token_bytes[-1] is None
+    checked = 0
+    for i, b in enumerate(vocab.token_bytes):
+        if b is None:
+            continue
+        try:
+            text = b.decode()
+        except UnicodeDecodeError:
+            continue  # a piece of a multi-byte character
+        assert tok.backend_tokenizer.decode([i], skip_special_tokens=False) == text, i
+        checked += 1
+    assert checked > 0.9 * vocab.size
+
+
+# --- An in-memory SentencePiece-style tokenizer (Metaspace, <0xNN> byte fallback) ----------
+
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "hello world, a small corpus for a tiny sentencepiece style tokenizer",
+    "words start with a meta symbol and unknown characters fall back to bytes",
+] * 10
+
+
+def _sentencepiece_tokenizer(decoder_style: str) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+    trainer = trainers.BpeTrainer(
+        vocab_size=150, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    spec = json.loads(tok.to_str())
+    vocab: dict[str, int] = spec["model"]["vocab"]
+    for b in range(256):
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    spec["model"]["byte_fallback"] = True
+    tok = Tokenizer.from_str(json.dumps(spec))
+    if decoder_style == "metaspace":
+        tok.decoder = decoders.Sequence(
+            [decoders.ByteFallback(), decoders.Metaspace(prepend_scheme="never")]
+        )
+    else:  # the Llama-2 layout
+        tok.decoder = decoders.Sequence(
+            [
+                decoders.Replace("▁", " "),
+                decoders.ByteFallback(),
+                decoders.Fuse(),
+                decoders.Strip(" ", 1, 0),
+            ]
+        )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    fast.add_tokens(["<think>"])
+    return fast
+
+
+@pytest.fixture(scope="module", params=["metaspace", "llama"])
+def sp_tok(request) -> PreTrainedTokenizerFast:
+    return _sentencepiece_tokenizer(request.param)
+
+
+def test_sentencepiece_round_trip(sp_tok) -> None:
+    vocab = Vocabulary.from_tokenizer(sp_tok)
+    for text in [*TEXTS, "a <think> tag"]:
+        ids = sp_tok.encode(text, add_special_tokens=False)
+        assert vocab.encode_bytes(ids) == text.encode(), text
+
+
+def test_sentencepiece_token_bytes(sp_tok) -> None:
+    vocab = Vocabulary.from_tokenizer(sp_tok)
+    ids = sp_tok.convert_tokens_to_ids(["<0x41>", "<0xE6>", "▁the", "<think>"])
+    assert [vocab.token_bytes[i] for i in ids] == [b"A", b"\xe6", b" the", b"<think>"]
+    assert all(vocab.token_bytes[i] is None for i in sp_tok.all_special_ids)
+    assert vocab.eos_token_ids == {sp_tok.convert_tokens_to_ids("</s>")}
+
+
+def test_unsupported_decoder_is_refused() -> None:
+    tok = _sentencepiece_tokenizer("metaspace")
+    tok.backend_tokenizer.decoder = decoders.WordPiece()
+    with pytest.raises(ValueError, match="WordPiece"):
+        Vocabulary.from_tokenizer(tok)
+
+
+# --- The trie and the native walk against a pure-Python reference --------------------------
+
+
+def reference_walk(table: np.ndarray, start: int, data: bytes) -> int:
+    state = start
+    for b in data:
+        state = int(table[state, b])
+        if state < 0:
+            return DEAD
+    return state
+
+
+def reference_mask(table: np.ndarray, start: int, token_bytes: list[bytes | None]) -> set[int]:
+    return {t for t, b in enumerate(token_bytes) if b and reference_walk(table, start, b) != DEAD}
+
+
+def mask_ids(mask: np.ndarray, size: int) -> set[int]:
+    bits = np.unpackbits(mask.view(np.uint8), bitorder="little")
+    assert not bits[size:].any()
+    return {int(t) for t in np.flatnonzero(bits)}
+
+
+class LazyDfa:
+    """A caller of the native walk: the rows of ``full`` are copied in by ``expand`` on
+    demand into a table that starts with ``cap`` garbage rows and doubles when asked to."""
+
+    def __init__(self, full: np.ndarray, cap: int, refuse_once: bool) -> None:
+        self.full = full
+        self.table = np.full((cap, 256), -7, dtype=np.int32)
+        self.ready = np.zeros(cap, dtype=np.uint8)
+        self.refuse_once = refuse_once
+        self.expanded: list[int] = []
+
+    def expand(self, q: int) -> bool:
+        if self.refuse_once:
+            self.refuse_once = False
+            return False
+        assert not self.ready[q]
+        self.table[q] = self.full[q]
+        self.ready[q] = 1
+        self.expanded.append(q)
+        return True
+
+    def grow(self) -> None:
+        cap = 2 * len(self.ready)
+        table = np.full((cap, 256), -7, dtype=np.int32)
+        ready = np.zeros(cap, dtype=np.uint8)
+        table[: len(self.table)] = self.table
+        ready[: len(self.ready)] = self.ready
+        self.table, self.ready = table, ready
+
+    def fill_mask(self, trie: TokenTrie, start: int) -> tuple[np.ndarray, int]:
+        """The mask from ``start``, and how many calls it took."""
+        mask = trie.new_mask()
+        calls = 1
+        while not trie.fill_mask(self.table, self.ready, start, self.expand, mask):
+            self.grow()
+            calls += 1
+        return mask, calls
+
+    def walk(self, start: int, data: bytes) -> int:
+        while (state := walk_bytes(self.table, self.ready, start, data, self.expand)) == GROW:
+            self.grow()
+        return state
+
+
+ALPHABET = b"ab\x00\xff"
+
+
+@st.composite
+def dfas(draw) -> np.ndarray:
+    """A table over ALPHABET (other bytes dead) with 1-6 states, some rows all dead."""
+    n = draw(st.integers(1, 6))
+    table = np.full((n, 256), -1, dtype=np.int32)
+    for q in range(n):
+        if draw(st.booleans()) or q == 0:
+            for b in ALPHABET:
+                table[q, b] = draw(st.integers(-1, n - 1))
+    return table
+
+
+token_lists = st.lists(
+    st.one_of(st.none(), st.binary(max_size=0), st.sampled_from([b"a", b"ab", b"ba", b"\xff"])),
+    max_size=8,
+).flatmap(
+    lambda pool: st.lists(
+        st.one_of(
+            st.sampled_from(pool or [None]),
+            st.lists(st.sampled_from(list(ALPHABET)), min_size=1, max_size=5).map(bytes),
+        ),
+        min_size=1,
+        max_size=40,
+    )
+)
+
+
+def check_trie_layout(trie: TokenTrie, token_bytes: list[bytes | None]) -> None:
+    """Rebuild the token strings from the preorder arrays and check the subtree ends."""
+    depths = trie.node_depth.tolist()
+    path: list[int] = []
+    found: dict[bytes, list[int]] = {}
+    for i, d in enumerate(depths):
+        path[d - 1 :] = [int(trie.node_byte[i])]
+        later = [j for j in range(i + 1, len(depths)) if depths[j] <= d]
+        assert trie.node_skip[i] == (later[0] if later else len(depths))
+        t = int(trie.node_token[i])
+        while t >= 0:
+            found.setdefault(bytes(path), []).append(t)
+            t = int(trie.token_alias[t])
+    expected: dict[bytes, list[int]] = {}
+    for t, b in enumerate(token_bytes):
+        if b:
+            expected.setdefault(b, []).append(t)
+    assert found == expected
+    assert trie.max_depth == max((len(b) for b in expected), default=0)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    table=dfas(),
+    token_bytes=token_lists,
+    cap=st.integers(1, 8),
+    refuse_once=st.booleans(),
+    data=st.lists(st.binary(max_size=6), max_size=4),
+)
+def test_native_walk_matches_reference(
+    table: np.ndarray,
+    token_bytes: list[bytes | None],
+    cap: int,
+    refuse_once: bool,
+    data: list[bytes],
+) -> None:
+    trie = TokenTrie.from_token_bytes(token_bytes)
+    check_trie_layout(trie, token_bytes)
+    dfa = LazyDfa(table, cap, refuse_once)
+    for start in range(len(table)):
+        mask, calls = dfa.fill_mask(trie, start)
+        assert mask_ids(mask, len(token_bytes)) == reference_mask(table, start, token_bytes)
+        if refuse_once and trie.num_nodes:
+            assert calls > 1
+            refuse_once = False
+        for chunk in data:
+            assert dfa.walk(start, chunk) == reference_walk(table, start, chunk)
+
+
+def test_native_walk_expands_lazily() -> None:
+    """Only the states whose children are visited are expanded, each once."""
+    table = np.full((4, 256), -1, dtype=np.int32)
+    table[0, ord("a")] = 1
+    table[1, ord("b")] = 2
+    table[0, ord("c")] = 3
+    dfa = LazyDfa(table, cap=4, refuse_once=False)
+    trie = TokenTrie.from_token_bytes([b"a", b"ab", b"c", b"abx", b"c"])
+    mask, _ = dfa.fill_mask(trie, 0)
+    assert mask_ids(mask, 5) == {0, 1, 2, 4}
+    assert dfa.expanded == [0, 1, 2]  # state 3 is a leaf's state: never expanded
+    dfa.fill_mask(trie, 0)
+    assert dfa.expanded == [0, 1, 2]
+
+
+def test_native_walk_errors() -> None:
+    trie = TokenTrie.from_token_bytes([b"a", b"ab"])
+    table = np.zeros((2, 256), dtype=np.int32)
+    ready = np.zeros(2, dtype=np.uint8)
+
+    def boom(q: int) -> bool:
+        raise KeyError(q)
+
+    with pytest.raises(KeyError):
+        trie.fill_mask(table, ready, 0, boom, trie.new_mask())
+    with pytest.raises(KeyError):
+        walk_bytes(table, ready, 0, b"a", boom)
+    with pytest.raises(RuntimeError):
+        trie.fill_mask(table, ready, 0, lambda q: True, trie.new_mask())
+    ready[:] = 1
+    ok = (table, ready, 0, lambda q: False, trie.new_mask())
+    assert trie.fill_mask(*ok)
+    bad_args = [
+        (table.astype(np.float32), *ok[1:]),
+        (table[:, :128].copy(), *ok[1:]),
+        (table, ready[:1], *ok[2:]),
+        (table, ready.astype(np.int32), *ok[2:]),
+        (table, ready, -1, *ok[3:]),
+        (*ok[:4], np.zeros(2, dtype=np.uint32)),
+        (*ok[:4], np.zeros(1, dtype=np.uint64)),
+    ]
+    for args in bad_args:
+        with pytest.raises(ValueError):
+            trie.fill_mask(*args)
+    with pytest.raises(ValueError, match="shape"):
+        walk_bytes(table.reshape(-1), ready, 0, b"a", ok[3])
+    readonly = trie.new_mask()
+    readonly.flags.writeable = False
+    with pytest.raises((ValueError, BufferError)):
+        trie.fill_mask(*ok[:4], readonly)
+    assert walk_bytes(table, ready, 5, b"", ok[3]) == 5
+    assert walk_bytes(table, ready, 5, b"a", ok[3]) == GROW
+
+
+def test_native_walk_on_real_vocabulary(smol_vocab: Vocabulary) -> None:
+    trie, token_bytes = smol_vocab.trie, smol_vocab.token_bytes
+    digits = np.full((1, 256), -1, dtype=np.int32)
+    digits[0, ord("0") : ord("9") + 1] = 0
+    dfa = LazyDfa(digits, cap=1, refuse_once=True)
+    mask, _ = dfa.fill_mask(trie, 0)
+    expected = {t for t, b in enumerate(token_bytes) if b and b.isdigit()}
+    assert expected and mask_ids(mask, smol_vocab.size) == expected
+    assert dfa.walk(0, b"2024") == 0 and dfa.walk(0, b"20x") == DEAD
+
+    anything = np.zeros((1, 256), dtype=np.int32)
+    mask, _ = LazyDfa(anything, cap=1, refuse_once=False).fill_mask(trie, 0)
+    assert mask_ids(mask, smol_vocab.size) == {t for t, b in enumerate(token_bytes) if b}
+
+    # [a-z]+ then one space: a few states, filled lazily.
+    words = np.full((3, 256), -1, dtype=np.int32)
+    words[0:2, ord("a") : ord("z") + 1] = 1
+    words[1, ord(" ")] = 2
+    mask, _ = LazyDfa(words, cap=1, refuse_once=False).fill_mask(trie, 0)
+    assert mask_ids(mask, smol_vocab.size) == reference_mask(words, 0, token_bytes)
