@@ -15,6 +15,13 @@ class EngineConfig:
     budget of one prefill forward pass; longer prompts are prefilled in chunks.
     ``schedule_policy`` is ``"lpm"`` (longest cached prefix first, falling back to FCFS when
     more than ``lpm_max_queue`` requests wait) or ``"fcfs"``.
+    Constrained decoding: jump-forward (appending forced text as one prefill) is on unless
+    ``disable_regex_jump_forward``; JSON is compact unless
+    ``constrained_json_whitespace_pattern`` (e.g. ``"[ \\n\\t]*"``) allows whitespace between
+    tokens; undeclared object keys are generated only where the schema asks for them unless
+    ``constrained_json_extra_properties`` (the JSON Schema default); compiling a constraint
+    fails after ``constraint_compile_timeout`` seconds; the last ``constraint_cache_size``
+    compiled constraints are kept.
     """
 
     model: str | None = None
@@ -32,6 +39,11 @@ class EngineConfig:
     min_new_token_ratio: float = 0.1
     new_token_ratio_decay_steps: int = 600
     dedupe_min_shared_tokens: int = 32
+    disable_regex_jump_forward: bool = False
+    constrained_json_whitespace_pattern: str | None = None
+    constrained_json_extra_properties: bool = False
+    constraint_compile_timeout: float = 10.0
+    constraint_cache_size: int = 64
 
     def __post_init__(self) -> None:
         for name in ("max_total_tokens", "max_running_requests", "chunked_prefill_size"):
@@ -46,6 +58,8 @@ class EngineConfig:
             raise ValueError(
                 f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}"
             )
+        if self.constraint_compile_timeout <= 0 or self.constraint_cache_size <= 0:
+            raise ValueError("constraint_compile_timeout and constraint_cache_size must be > 0")
         if self.num_threads is not None and self.num_threads <= 0:
             raise ValueError(f"num_threads must be positive, got {self.num_threads!r}")
         if not 0.0 <= self.min_new_token_ratio <= self.init_new_token_ratio <= 1.0:

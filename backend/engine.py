@@ -20,6 +20,7 @@ import torch
 
 from backend.attention.torch_backend import TorchAttentionBackend
 from backend.config import EngineConfig
+from backend.constrained import Constraints
 from backend.kv_pool import KVPool, ReqToTokenTable
 from backend.model_loader import load_model, load_tokenizer, resolve_model_dir
 from backend.model_runner import ModelRunner
@@ -152,8 +153,23 @@ class Engine:
         self._outputs = OutputProcessor(
             self.tokenizer, self.eos_token_ids, self.model.vocab_size, self.context_len
         )
+        self.constraints = Constraints(
+            self.tokenizer,
+            self.eos_token_ids,
+            whitespace_pattern=config.constrained_json_whitespace_pattern,
+            extra_properties=config.constrained_json_extra_properties,
+            timeout_s=config.constraint_compile_timeout,
+            cache_size=config.constraint_cache_size,
+        )
         self.scheduler = Scheduler(
-            config, runner, self.pool, table, self.cache, self._outputs, self.context_len
+            config,
+            runner,
+            self.pool,
+            table,
+            self.cache,
+            self._outputs,
+            self.context_len,
+            self.constraints,
         )
 
         self._inbox: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
@@ -260,6 +276,7 @@ class Engine:
                 "waiting": len(self.scheduler.waiting),
                 "retractions": self.scheduler.num_retractions,
                 "forward_steps": dict(self.scheduler.forward_steps),
+                "jump_forward_tokens": self.scheduler.jump_forward_tokens,
             }
 
         return self._call(stats)
@@ -287,6 +304,7 @@ class Engine:
             self._closed = True
             self._inbox.put(None)
             self._thread.join(timeout=30)
+            self.constraints.shutdown()
 
     def __enter__(self) -> Engine:
         return self
@@ -459,9 +477,7 @@ class Engine:
 
     def _fail_all(self, message: str) -> None:
         sched = self.scheduler
-        for req in (
-            list(sched.waiting) + list(sched.running) + ([sched.chunked] if sched.chunked else [])
-        ):
+        for req in sched.requests():
             try:
                 sched.abort(req.rid, message)
             except Exception:

@@ -14,6 +14,7 @@ from backend.detokenizer import IncrementalDetokenizer
 from backend.request import Req, ReqStatus, ReqUpdate, TopLogprobs
 from backend.sampler import RequestSampling, sample
 from backend.stop_strings import StopStringMatcher
+from fsm.dfa import DEAD
 
 
 @dataclass
@@ -97,13 +98,17 @@ class OutputProcessor:
                 self.finish(req, reason)
                 finished.append(req)
             elif req.stream:
-                self._send(req)
+                self.send(req)
         return finished
 
     def _append(self, req: Req, tok: int) -> dict[str, Any] | None:
         """Record ``tok``; return the finish reason if the request is done."""
         assert req.sampling is not None and req.detokenizer is not None
         p = req.params
+        if req.guide is not None:
+            req.fsm_state = req.guide.advance(req.fsm_state, tok)
+            if req.fsm_state == DEAD:  # the mask left no token that continues the constraint
+                return {"type": "abort", "message": "no token can continue the constraint"}
         req.output_ids.append(tok)
         req.sampling.observe(tok)
         n = len(req.output_ids)
@@ -121,17 +126,68 @@ class OutputProcessor:
                 start, stop = found
                 req.text = req.text[: start + (len(stop) if p.no_stop_trim else 0)]
                 return {"type": "stop", "matched": stop}
-        if n >= p.max_new_tokens or len(req.input_ids) + n >= self.context_len:
+        return self._constraint_or_length_end(req)
+
+    def _constraint_or_length_end(self, req: Req) -> dict[str, Any] | None:
+        """Finish when the constraint cannot continue, or at the length limits."""
+        assert req.detokenizer is not None
+        n = len(req.output_ids)
+        if req.guide is not None and req.guide.is_terminal(req.fsm_state):
+            req.text += req.detokenizer.flush()
+            return {"type": "stop", "matched": None}
+        if n >= req.params.max_new_tokens or len(req.input_ids) + n >= self.context_len:
             req.text += req.detokenizer.flush()
             return {"type": "length", "length": n}
         return None
 
+    def replace_tail(self, req: Req, keep: int, ids: list[int]) -> dict[str, Any] | None:
+        """Jump-forward: replace ``output_ids[keep:]`` by ``ids`` (the same bytes followed by
+        forced text), cut at the length limits; return the finish reason, if any.
+
+        The replaced tokens were never streamed, so only new text is appended. Penalty
+        counts observe the tokens beyond the replaced ones.
+        """
+        assert req.sampling is not None and req.detokenizer is not None
+        before = len(req.output_ids)
+        old_tail = req.output_ids[keep:]
+        req.output_ids[keep:] = ids
+        limit = min(req.params.max_new_tokens, self.context_len - len(req.input_ids))
+        del req.output_ids[max(limit, before) :]
+        for tok in req.output_ids[before:]:
+            req.sampling.observe(tok)
+        self.stats.generated_tokens += len(req.output_ids) - before
+        old_text = req.text + req.detokenizer.flush()
+        p = req.params
+        req.detokenizer = IncrementalDetokenizer(
+            self.tokenizer,
+            req.input_ids + req.output_ids,
+            skip_special_tokens=p.skip_special_tokens,
+            spaces_between_special_tokens=p.spaces_between_special_tokens,
+        )
+
+        def decode(tokens: list[int]) -> str:
+            return self.tokenizer.decode(
+                tokens,
+                skip_special_tokens=p.skip_special_tokens,
+                clean_up_tokenization_spaces=False,
+            )
+
+        new_len = len(decode(req.output_ids[keep:])) - len(decode(old_tail))
+        req.text = old_text + decode(req.output_ids[keep:])[-new_len:] if new_len else old_text
+        if req.stop_matcher is not None and new_len and len(req.output_ids) >= p.min_new_tokens:
+            found = req.stop_matcher.find(req.text, new_len)
+            if found is not None:
+                start, stop = found
+                req.text = req.text[: start + (len(stop) if p.no_stop_trim else 0)]
+                return {"type": "stop", "matched": stop}
+        return self._constraint_or_length_end(req)
+
     def finish(self, req: Req, reason: dict[str, Any]) -> None:
         req.status = ReqStatus.FINISHED
         req.finish_reason = reason
-        self._send(req)
+        self.send(req)
 
-    def _send(self, req: Req) -> None:
+    def send(self, req: Req) -> None:
         final = req.status is ReqStatus.FINISHED
         text_end = len(req.text)
         if not final and req.stop_matcher is not None:

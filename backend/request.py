@@ -10,15 +10,19 @@ from typing import TYPE_CHECKING, Any
 from backend.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from backend.detokenizer import IncrementalDetokenizer
     from backend.radix_cache import TreeNode
     from backend.sampler import RequestSampling
     from backend.stop_strings import StopStringMatcher
+    from fsm import TokenGuide
 
 TopLogprobs = list[tuple[float, int]]
 
 
 class ReqStatus(enum.Enum):
+    COMPILING = "compiling"  # its constraint is being compiled (holds nothing)
     WAITING = "waiting"  # in the queue (new, or retracted with its outputs kept)
     PREFILLING = "prefilling"  # holds a table row; a chunked prefill is in progress
     RUNNING = "running"  # decoding
@@ -78,6 +82,11 @@ class Req:
     sent_text_len: int = 0
     sent_tokens: int = 0
     finish_reason: dict[str, Any] | None = None
+
+    guide: TokenGuide | None = None  # the compiled regex / JSON-schema constraint
+    fsm_state: int = 0  # the guide's state after the output so far
+    compile_job: Future[TokenGuide] | None = None
+    compile_deadline: float = 0.0
 
     output_token_logprobs: list[float] = field(default_factory=list)
     output_top_logprobs: list[TopLogprobs] = field(default_factory=list)

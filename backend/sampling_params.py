@@ -12,6 +12,7 @@ Contract:
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from collections.abc import Iterable, Mapping
@@ -19,6 +20,10 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 _SEED_ALIASES = ("sampling_seed",)
+_UNSUPPORTED = {
+    "ebnf": "EBNF grammars are not supported; use regex or json_schema",
+    "structural_tag": "structural tags are not supported; use regex or json_schema",
+}
 
 
 def _is_int(value: object) -> bool:
@@ -50,6 +55,8 @@ class SamplingParams:
     no_stop_trim: bool = False
     seed: int | None = None
     n: int = 1
+    regex: str | None = None
+    json_schema: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -77,6 +84,8 @@ class SamplingParams:
         kwargs: dict[str, Any] = {}
         for key, value in d.items():
             name = "seed" if key in _SEED_ALIASES else key
+            if name in _UNSUPPORTED and value is not None:
+                raise ValueError(f"sampling parameter {key!r}: {_UNSUPPORTED[name]}")
             if name not in valid:
                 accepted = ", ".join((*valid, *_SEED_ALIASES))
                 raise ValueError(
@@ -101,6 +110,15 @@ class SamplingParams:
         return out
 
     # ------------------------------------------------------------------ properties
+
+    @property
+    def constraint(self) -> tuple[str, str] | None:
+        """``("regex", pattern)`` or ``("json_schema", schema_json)``, or None."""
+        if self.regex is not None:
+            return "regex", self.regex
+        if self.json_schema is not None:
+            return "json_schema", self.json_schema
+        return None
 
     @property
     def is_greedy(self) -> bool:
@@ -175,10 +193,22 @@ class SamplingParams:
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.no_stop_trim, bool):
             raise ValueError(f"no_stop_trim must be a bool, got {self.no_stop_trim!r}")
+        self._validate_constraint()
         if self.seed is not None:
             if not _is_int(self.seed):
                 raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
             self.seed = int(self.seed)
+
+    def _validate_constraint(self) -> None:
+        """``json_schema`` may be given as a dict (normalized to its JSON text)."""
+        if isinstance(self.json_schema, (dict, bool)):
+            self.json_schema = json.dumps(self.json_schema)
+        for name in ("regex", "json_schema"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} must be a string, got {type(value).__name__}")
+        if self.regex is not None and self.json_schema is not None:
+            raise ValueError("give at most one of regex and json_schema")
 
     @staticmethod
     def _normalize_stop(stop: object) -> list[str]:

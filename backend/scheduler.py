@@ -15,11 +15,13 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, wait
 
 import numpy as np
 import torch
 
 from backend.config import EngineConfig
+from backend.constrained import Constraints
 from backend.kv_pool import KVPool, ReqToTokenTable
 from backend.model_runner import ModelRunner
 from backend.output_processor import OutputProcessor
@@ -49,6 +51,7 @@ class Scheduler:
         cache: RadixCache,
         outputs: OutputProcessor,
         context_len: int,
+        constraints: Constraints,
     ) -> None:
         self.config = config
         self.runner = runner
@@ -57,48 +60,111 @@ class Scheduler:
         self.cache = cache
         self.outputs = outputs
         self.context_len = context_len
+        self.constraints = constraints
+        self.compiling: list[Req] = []  # waiting for their constraint to compile
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.chunked: Req | None = None
+        self.extending: list[Req] = []  # jumped forward: hold a row, need a prefill
         self.new_token_ratio = config.init_new_token_ratio
         self._ratio_decay = (
             config.init_new_token_ratio - config.min_new_token_ratio
         ) / config.new_token_ratio_decay_steps
         self.num_retractions = 0
         self.forward_steps = {"prefill": 0, "decode": 0}
+        self.jump_forward_tokens = 0
 
     # ---- queue operations -------------------------------------------------------------
 
     def add(self, req: Req) -> None:
-        self.waiting.append(req)
+        if req.params.constraint is not None:
+            req.status = ReqStatus.COMPILING
+            self.constraints.submit(req)
+            self.compiling.append(req)
+        else:
+            self.waiting.append(req)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.chunked)
+        return bool(
+            self.compiling or self.waiting or self.running or self.chunked or self.extending
+        )
+
+    def requests(self) -> list[Req]:
+        """Every request the scheduler holds, wherever it is."""
+        chunked = [self.chunked] if self.chunked else []
+        return [*self.compiling, *self.waiting, *chunked, *self.extending, *self.running]
 
     def abort(self, rid: str, message: str = "aborted") -> bool:
         """Abort ``rid`` wherever it is; frees everything it holds. False if unknown."""
-        reason = {"type": "abort", "message": message}
-        for req in self.waiting:
-            if req.rid == rid:
-                self.waiting.remove(req)
-                self.outputs.finish(req, reason)
-                return True
-        if self.chunked is not None and self.chunked.rid == rid:
-            req, self.chunked = self.chunked, None
-            self._release(req)
-            self.outputs.finish(req, reason)
-            return True
-        for req in self.running:
-            if req.rid == rid:
-                self.running.remove(req)
-                self._release(req)
-                self.outputs.finish(req, reason)
-                return True
-        return False
+        req = next((r for r in self.requests() if r.rid == rid), None)
+        if req is None:
+            return False
+        self._remove(req)
+        self._release(req)
+        self.outputs.finish(req, {"type": "abort", "message": message})
+        return True
+
+    def _remove(self, req: Req) -> None:
+        if self.chunked is req:
+            self.chunked = None
+        for queue in (self.compiling, self.waiting, self.extending, self.running):
+            if req in queue:
+                queue.remove(req)
 
     def step(self) -> None:
+        if self.compiling:
+            self._collect_compiled()
         if not self._prefill_step() and self.running:
             self._decode_step()
+        elif self.compiling and not (self.waiting or self.running or self.extending):
+            wait([r.compile_job for r in self.compiling], 0.005, FIRST_COMPLETED)  # type: ignore[misc]
+
+    # ---- constraints ------------------------------------------------------------------
+
+    def _collect_compiled(self) -> None:
+        for req, error in self.constraints.collect(self.compiling):
+            self.compiling.remove(req)
+            if error is not None:
+                self.outputs.finish(req, {"type": "abort", "message": error})
+                continue
+            req.status = ReqStatus.WAITING
+            self.outputs.start(req)
+            if (
+                self.config.disable_regex_jump_forward
+                or req.return_logprob
+                or self._jump_forward(req) is None
+            ):
+                self.waiting.append(req)
+
+    def _jump_forward(self, req: Req) -> dict | None:
+        """Append the text the constraint forces next as tokens (re-tokenizing the boundary);
+        return the finish reason if that ends the request. The caller queues it again."""
+        guide = req.guide
+        assert guide is not None
+        forced = guide.forced_bytes(req.fsm_state)
+        plan = self.constraints.jump_tokens(req, forced) if forced else None
+        if plan is None:
+            return None
+        keep, ids = plan
+        vocab = self.constraints.vocab
+        old_tail = req.output_ids[keep:]
+        before = len(req.output_ids)
+        reason = self.outputs.replace_tail(req, keep, ids)
+        applied = vocab.encode_bytes(req.output_ids[keep:])[len(vocab.encode_bytes(old_tail)) :]
+        req.fsm_state = guide.walk(req.fsm_state, applied)
+        if reason is None and guide.is_terminal(req.fsm_state):
+            reason = {"type": "stop", "matched": None}
+        self.jump_forward_tokens += len(req.output_ids) - before
+        changed = len(req.input_ids) + keep + common_prefix_len(old_tail, ids)
+        if req.row is not None and changed < req.num_kv:  # recompute re-tokenized positions
+            self.pool.free(self.table.table[req.row, changed : req.num_kv].clone())
+            req.num_kv = changed
+        if reason is not None:
+            self._release(req)
+            self.outputs.finish(req, reason)
+        elif req.stream:
+            self.outputs.send(req)
+        return reason
 
     # ---- prefill ----------------------------------------------------------------------
 
@@ -139,10 +205,13 @@ class Scheduler:
         available = self.pool.num_free + self.cache.evictable_size - self._reserved_tokens()
         batch: list[tuple[Req, int]] = []  # (request, number of new tokens this pass)
         new_fills: list[list[int]] = []  # fills of requests newly admitted this pass
-        candidates = ([self.chunked] if self.chunked else []) + self._ordered_waiting()
+        candidates = ([self.chunked] if self.chunked else []) + self.extending
+        candidates += self._ordered_waiting()
         for req in candidates:
             if budget <= 0:
                 break
+            if req in self.extending:
+                self.extending.remove(req)
             if req.row is None:
                 admitted = self._admit(req, budget, available, new_fills, nothing_else=not batch)
                 if admitted is None:
@@ -330,11 +399,24 @@ class Scheduler:
     # ---- outputs and KV hand-back -----------------------------------------------------
 
     def _emit(self, reqs: list[Req], logits: torch.Tensor) -> None:
+        self.constraints.mask_logits(reqs, logits)
         for req in self.outputs.process(reqs, logits):  # the requests that finished
             if req in self.running:
                 self.running.remove(req)
             self._release(req)
+        jump = not self.config.disable_regex_jump_forward
         for req in reqs:
+            if req.status is ReqStatus.FINISHED:
+                continue
+            if jump and req.guide is not None and not req.return_logprob:
+                if req.status is ReqStatus.RUNNING:
+                    self.running.remove(req)
+                req.status = ReqStatus.PREFILLING
+                if self._jump_forward(req) is not None:
+                    continue
+                if len(req.fill_ids) - req.num_kv > 1:  # forced tokens to prefill
+                    self.extending.append(req)
+                    continue
             if req.status is ReqStatus.PREFILLING:
                 req.status = ReqStatus.RUNNING
                 self.running.append(req)
@@ -380,7 +462,7 @@ class Scheduler:
     # ---- accounting ---------------------------------------------------------------------
 
     def kv_accounting(self) -> dict[str, int]:
-        holders = list(self.running) + ([self.chunked] if self.chunked else [])
+        holders = [*self.running, *self.extending] + ([self.chunked] if self.chunked else [])
         owned = sum(r.num_kv - r.num_tree_owned for r in holders)
         return {
             "total": self.pool.num_slots,

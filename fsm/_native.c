@@ -19,8 +19,20 @@
  *   - live: it becomes states[d], the tokens ending at node i (and their aliases) are set in
  *     the mask, and the walk goes on with node i + 1 (the first child of i, if any).
  * A row is looked up (and expanded when not ready) only when a node reads it as its parent
- * state, so the states of leaves never cost an expansion. The GIL is held throughout, since
- * expand is Python code.
+ * state, so the states of leaves never cost an expansion. row_ready is checked at every node:
+ * that branch is almost always taken the same way, which measured cheaper than remembering
+ * which rows of the path are known ready (a branch on "first child or sibling" mispredicts).
+ * The GIL is held throughout, since expand is Python code.
+ *
+ * Self-loop skip. Let L be a set of bytes b with table[start][b] == start (all such bytes, or
+ * only some). A token whose bytes all lie in L never leaves the start state, which is live, so
+ * it is allowed. The caller may pass loop_mask, the mask of exactly those tokens, and
+ * loop_covered, where loop_covered[i] != 0 iff the bytes on the path to node i and in its
+ * subtree (node i included) all lie in L, i.e. every token of the subtree is in loop_mask. The
+ * mask then starts as a copy of loop_mask, and the walk jumps over a covered node's subtree as
+ * if its transition were dead: its tokens are set already. (Only paths that stay in L qualify:
+ * a path that leaves L and comes back to the start state reaches tokens that loop_mask does not
+ * hold.) Without loop information the mask starts zeroed and nothing is skipped that way.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -31,6 +43,7 @@
 #define ROW_OK 1
 #define ROW_GROW 0
 #define ROW_ERROR (-1)
+#define TOKEN_BATCH 256
 
 /* The lazily filled DFA table and the callback that fills it. */
 typedef struct {
@@ -133,34 +146,29 @@ static int bad_trie(const char *what, Py_ssize_t i) {
     return -1;
 }
 
-/* Set the aliases of token t in the mask; 0 on success, -1 on a malformed chain. */
-static int mark_aliases(const Trie *trie, Py_ssize_t t) {
-    for (Py_ssize_t next = trie->alias[t]; next >= 0; t = next, next = trie->alias[t]) {
-        if (next <= t || next >= trie->size) {
-            return bad_trie("alias chain not increasing or out of range", t);
+/* Set tokens ids[0 .. count - 1] and their aliases in the mask; 0 on success, -1 on a bad id
+ * or alias chain. */
+static int set_tokens(const Trie *trie, const int32_t *ids, int count) {
+    uint32_t *mask = trie->mask;
+    for (int k = 0; k < count; k++) {
+        Py_ssize_t t = ids[k];
+        if (t >= trie->size) {
+            return bad_trie("token id out of range", t);
         }
-        trie->mask[next >> 5] |= (uint32_t)1 << (next & 31);
+        mask[t >> 5] |= (uint32_t)1 << (t & 31);
+        for (Py_ssize_t next = trie->alias[t]; next >= 0; t = next, next = trie->alias[t]) {
+            if (next <= t || next >= trie->size) {
+                return bad_trie("alias chain not increasing or out of range", t);
+            }
+            mask[next >> 5] |= (uint32_t)1 << (next & 31);
+        }
     }
     return 0;
 }
 
-/* Set token t (when t >= 0) and its aliases in the mask; 0 on success, -1 on a bad id. The
- * common case is branch-free: a node without a token sets a bit of *sink instead. */
-static inline int mark_token(const Trie *trie, int32_t t, uint32_t *sink) {
-    if (t >= trie->size) {
-        return bad_trie("token id out of range", t);
-    }
-    int has = t >= 0;
-    uint32_t *word = has ? &trie->mask[t >> 5] : sink;
-    *word |= (uint32_t)has << (t & 31);
-    return has && trie->alias[t] >= 0 ? mark_aliases(trie, t) : 0;
-}
-
-/* Grow the state stack so that index `need` is valid; 0 on success, -1 with MemoryError. */
+/* Grow the state stack (need >= *cap) so that index `need` is valid; 0 on success, -1 with
+ * MemoryError. */
 static int reserve(Py_ssize_t **states, Py_ssize_t *cap, Py_ssize_t need) {
-    if (need < *cap) {
-        return 0;
-    }
     Py_ssize_t new_cap = *cap * 2 > need ? *cap * 2 : need + 1;
     Py_ssize_t *grown = PyMem_Realloc(*states, (size_t)new_cap * sizeof(**states));
     if (grown == NULL) {
@@ -172,21 +180,32 @@ static int reserve(Py_ssize_t **states, Py_ssize_t *cap, Py_ssize_t need) {
     return 0;
 }
 
-/* The walk described in the header. Returns ROW_OK, ROW_GROW or ROW_ERROR. */
-static int walk_trie(const Dfa *dfa, const Trie *trie, Py_ssize_t start_state) {
+/* The walk described in the header; loop_covered is NULL without self-loop information.
+ * Returns ROW_OK, ROW_GROW or ROW_ERROR. */
+static int walk_trie(const Dfa *dfa, const Trie *trie, const uint8_t *loop_covered,
+                     Py_ssize_t start) {
+    /* Locals for the arrays read at every node. */
+    const uint8_t *node_byte = trie->byte;
+    const int32_t *node_depth = trie->depth, *node_skip = trie->skip, *node_token = trie->token;
+    const int32_t *table = dfa->table;
+    const Py_ssize_t n = trie->nodes;
     Py_ssize_t stack_cap = 64;
     Py_ssize_t *states = PyMem_Malloc((size_t)stack_cap * sizeof(*states));
     if (states == NULL) {
         PyErr_NoMemory();
         return ROW_ERROR;
     }
-    states[0] = start_state;
-    Py_ssize_t top = 0; /* states[0 .. top] are valid for the current path */
-    uint32_t sink = 0;
+    states[0] = start;
+    Py_ssize_t top = 0; /* states[0 .. top] hold the current path */
+    /* Tokens reached are buffered and set in the mask a batch at a time: the loop below only
+     * appends to found[], with no branch on whether a node ends a token and no stores into
+     * the mask (this nearly halves a walk of the whole trie against setting bits in place). */
+    int32_t found[TOKEN_BATCH];
+    int n_found = 0;
     int status = ROW_OK;
     Py_ssize_t i = 0;
-    while (status == ROW_OK && i < trie->nodes) {
-        Py_ssize_t d = trie->depth[i];
+    while (i < n) {
+        Py_ssize_t d = node_depth[i];
         if (d < 1 || d > top + 1) {
             bad_trie("depth out of order", i);
             status = ROW_ERROR;
@@ -196,31 +215,46 @@ static int walk_trie(const Dfa *dfa, const Trie *trie, Py_ssize_t start_state) {
         if (!row_ready(dfa, q) && (status = expand_row(dfa, q)) != ROW_OK) {
             break;
         }
-        int32_t next = dfa->table[q * ALPHABET + trie->byte[i]];
-        if (next < 0) {
-            Py_ssize_t skip = trie->skip[i];
-            if (skip <= i || skip > trie->nodes) {
+        int32_t next = table[q * ALPHABET + node_byte[i]];
+        /* Skip the subtree when the transition is dead, or when all its tokens are in the
+         * mask already (covered by the start state's self-loops, see the header). */
+        if (next < 0 || (loop_covered != NULL && loop_covered[i])) {
+            Py_ssize_t end = node_skip[i];
+            if (end <= i || end > n) {
                 bad_trie("skip out of order", i);
                 status = ROW_ERROR;
                 break;
             }
             top = d - 1;
-            i = skip;
+            i = end;
             continue;
         }
-        if (reserve(&states, &stack_cap, d) < 0 || mark_token(trie, trie->token[i], &sink) < 0) {
+        if (d >= stack_cap && reserve(&states, &stack_cap, d) < 0) {
             status = ROW_ERROR;
             break;
         }
         states[d] = next;
         top = d;
+        int32_t t = node_token[i];
+        found[n_found] = t;
+        n_found += t >= 0; /* keep t only when node i ends a token */
+        if (n_found == TOKEN_BATCH) {
+            if (set_tokens(trie, found, n_found) < 0) {
+                status = ROW_ERROR;
+                break;
+            }
+            n_found = 0;
+        }
         i++;
+    }
+    if (status == ROW_OK && set_tokens(trie, found, n_found) < 0) {
+        status = ROW_ERROR;
     }
     PyMem_Free(states);
     return status;
 }
 
-#define N_BUFFERS 8
+#define N_BUFFERS 10
 
 static void release_all(Py_buffer *views) {
     for (int k = 0; k < N_BUFFERS; k++) {
@@ -251,43 +285,68 @@ static int init_trie(Trie *trie, Py_buffer *v) {
     return 0;
 }
 
+/* Check the self-loop buffers v[0] (loop_mask) and v[1] (loop_covered) against the trie. */
+static int check_loop(const Trie *trie, const Py_buffer *v) {
+    if (items(&v[0]) != (trie->size + 31) / 32) {
+        PyErr_Format(PyExc_ValueError, "loop_mask: expected %zd uint32 words, got %zd",
+                     (trie->size + 31) / 32, items(&v[0]));
+        return -1;
+    }
+    if (items(&v[1]) != trie->nodes) {
+        PyErr_Format(PyExc_ValueError, "loop_covered: expected %zd items (the nodes), got %zd",
+                     trie->nodes, items(&v[1]));
+        return -1;
+    }
+    return 0;
+}
+
 PyDoc_STRVAR(fill_mask_doc,
              "fill_mask(table, row_ready, node_byte, node_depth, node_skip, node_token, "
-             "token_alias, start_state, expand, mask_out) -> bool\n\n"
-             "Zero mask_out, then set the bit of every token whose bytes lead from start_state "
-             "through live transitions. Return False (mask unspecified) when the table must "
-             "grow first.");
+             "token_alias, start_state, expand, mask_out, loop_mask, loop_covered) -> bool\n\n"
+             "Set in mask_out exactly the tokens whose bytes lead from start_state through live "
+             "transitions. loop_mask (uint32 words) and loop_covered (uint8 per node) describe the "
+             "start state's self-loops (see the module source), or are both None. Return False "
+             "(mask unspecified) when the table must grow first.");
 
 static PyObject *fill_mask(PyObject *Py_UNUSED(module), PyObject *args) {
-    PyObject *table_obj, *ready_obj, *expand, *objs[6];
+    PyObject *table_obj, *ready_obj, *expand, *objs[8];
     Py_ssize_t start_state;
-    if (!PyArg_ParseTuple(args, "OOOOOOOnOO:fill_mask", &table_obj, &ready_obj, &objs[0],
+    if (!PyArg_ParseTuple(args, "OOOOOOOnOOOO:fill_mask", &table_obj, &ready_obj, &objs[0],
                           &objs[1], &objs[2], &objs[3], &objs[4], &start_state, &expand,
-                          &objs[5])) {
+                          &objs[5], &objs[6], &objs[7])) {
         return NULL;
     }
-    static const char *names[6] = {"node_byte",  "node_depth",  "node_skip",
-                                   "node_token", "token_alias", "mask_out"};
-    static const Py_ssize_t sizes[6] = {1, 4, 4, 4, 4, 4};
+    static const char *names[8] = {"node_byte",   "node_depth", "node_skip", "node_token",
+                                   "token_alias", "mask_out",   "loop_mask", "loop_covered"};
+    static const Py_ssize_t sizes[8] = {1, 4, 4, 4, 4, 4, 4, 1};
     Py_buffer views[N_BUFFERS] = {{0}}; /* table, row_ready, then objs */
     Dfa dfa;
     Trie trie;
     int status = ROW_ERROR;
+    int has_loop = objs[6] != Py_None;
+    if (has_loop != (objs[7] != Py_None)) {
+        PyErr_SetString(PyExc_TypeError, "loop_mask and loop_covered must both be None or not");
+        goto done;
+    }
     if (get_buffer(table_obj, &views[0], "table", 4, 0) < 0 ||
         get_buffer(ready_obj, &views[1], "row_ready", 1, 0) < 0) {
         goto done;
     }
-    for (int k = 0; k < 6; k++) {
+    for (int k = 0; k < (has_loop ? 8 : 6); k++) {
         if (get_buffer(objs[k], &views[2 + k], names[k], sizes[k], k == 5) < 0) {
             goto done;
         }
     }
     if (init_dfa(&dfa, &views[0], &views[1], expand, start_state) < 0 ||
-        init_trie(&trie, &views[2]) < 0) {
+        init_trie(&trie, &views[2]) < 0 || (has_loop && check_loop(&trie, &views[8]) < 0)) {
         goto done;
     }
-    memset(trie.mask, 0, (size_t)views[7].len);
-    status = walk_trie(&dfa, &trie, start_state);
+    if (has_loop) {
+        memcpy(trie.mask, views[8].buf, (size_t)views[7].len);
+    } else {
+        memset(trie.mask, 0, (size_t)views[7].len);
+    }
+    status = walk_trie(&dfa, &trie, has_loop ? (const uint8_t *)views[9].buf : NULL, start_state);
 done:
     release_all(views);
     if (status == ROW_ERROR) {

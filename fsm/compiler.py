@@ -38,13 +38,18 @@ def compile_json_schema(
     vocab: Vocabulary,
     *,
     whitespace_pattern: str | None = None,
+    extra_properties: bool = True,
     timeout_s: float | None = None,
 ) -> TokenGuide:
     """Guide whose complete outputs are JSON texts valid against `schema` (see
-    `fsm.json_schema`); `whitespace_pattern` allows whitespace between tokens."""
+    `fsm.json_schema`); `whitespace_pattern` allows whitespace between tokens;
+    `extra_properties=False` leaves out undeclared keys the schema does not ask for."""
     deadline = time.monotonic() + timeout_s if timeout_s is not None else float("inf")
+    options = Options(
+        whitespace=whitespace_pattern, extra_properties=extra_properties, deadline=deadline
+    )
     store = TermStore()
-    term = schema_term(store, schema, Options(whitespace=whitespace_pattern, deadline=deadline))
+    term = schema_term(store, schema, options)
     return _guide(store, term, vocab, "json_schema")
 
 
@@ -67,11 +72,13 @@ class GuideCompiler:
         vocab: Vocabulary,
         *,
         whitespace_pattern: str | None = None,
+        extra_properties: bool = True,
         cache_size: int = 64,
         timeout_s: float = 10.0,
     ) -> None:
         self.vocab = vocab
         self.whitespace_pattern = whitespace_pattern
+        self.extra_properties = extra_properties
         self.timeout_s = timeout_s
         self._cache_size = cache_size
         self._cache: OrderedDict[tuple[str, str], Future[TokenGuide]] = OrderedDict()
@@ -100,9 +107,12 @@ class GuideCompiler:
                 source,
                 self.vocab,
                 whitespace_pattern=self.whitespace_pattern,
+                extra_properties=self.extra_properties,
                 timeout_s=self.timeout_s,
             )
-        raise ConstraintError(f"unknown constraint kind {kind!r}; expected one of {CONSTRAINT_KINDS}")
+        raise ConstraintError(
+            f"unknown constraint kind {kind!r}; expected one of {CONSTRAINT_KINDS}"
+        )
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -42,13 +42,15 @@ class TokenGuide:
         return mask
 
     def _compute_mask(self, state: int) -> np.ndarray:
-        trie = self.vocab.trie
+        """The read-only mask of `state` (see `allowed_mask`); the caller holds the lock."""
+        trie, dfa = self.vocab.trie, self.dfa
+        loop = trie.loop_info(dfa.row(state) == state)  # dfa.row expands (and grows) as needed
         mask = trie.new_mask()
-        dfa = self.dfa
-        while not trie.fill_mask(dfa.table, dfa.row_ready, state, dfa.expand, mask):
+        while not trie.fill_mask(dfa.table, dfa.row_ready, state, dfa.expand, mask, loop):
             dfa.grow()
         if dfa.is_accepting(state):
-            np.bitwise_or.at(mask, self._eos >> 5, np.left_shift(1, self._eos & 31).astype(np.uint32))
+            eos = self._eos
+            np.bitwise_or.at(mask, eos >> 5, np.left_shift(1, eos & 31).astype(np.uint32))
         mask.setflags(write=False)
         return mask
 

@@ -11,6 +11,11 @@ location. Texts are written in one canonical form, the one `canonical_dumps` pro
 - no whitespace (or the `whitespace` pattern between tokens), strings with the escapes of
   `json.dumps(..., ensure_ascii=False)`, numbers as JSON writes them.
 
+Undeclared keys follow `additionalProperties`; where a schema that declares properties
+leaves it unset, they are allowed as the specification says, or not at all with
+`Options(extra_properties=False)` (the engine's default: small models otherwise pad objects
+with invented keys).
+
 Further conventions: a schema without `type` is limited to the types its keywords describe
 (`properties` means object, and so on), which only narrows what is generated; free-form
 values (`{}`, `true`, undeclared properties) and recursive `$ref`s are expanded to a bounded
@@ -69,6 +74,7 @@ class Options:
     """Translation options; `whitespace` is a regex for the gaps between JSON tokens."""
 
     whitespace: str | None = None
+    extra_properties: bool = True  # False: no undeclared keys unless the schema asks for them
     max_ref_depth: int = 3
     any_value_depth: int = 3
     deadline: float = math.inf  # time.monotonic() limit
@@ -83,9 +89,7 @@ class _Object:
     forbidden: set[str] = field(default_factory=set)
 
 
-def schema_term(
-    store: TermStore, schema: dict | bool | str, options: Options | None = None
-) -> int:
+def schema_term(store: TermStore, schema: dict | bool | str, options: Options | None = None) -> int:
     """The term for the canonical JSON texts that validate against `schema`."""
     return _Translator(store, _load(schema), options or Options()).root()
 
@@ -181,9 +185,9 @@ class _Translator:
         for member, mpath in self.flatten(schema, path):
             branches = self.branches(member, mpath)
             if branches is None:
-                out = [conj + [(member, mpath)] for conj in out]
+                out = [[*conj, (member, mpath)] for conj in out]
                 continue
-            out = [conj + [(member, mpath), *b] for conj in out for b in branches]
+            out = [[*conj, (member, mpath), *b] for conj in out for b in branches]
             if len(out) > _MAX_ALTERNATIVES:
                 raise self.error(mpath, "too many anyOf/oneOf combinations")
         return out
@@ -297,9 +301,9 @@ class _Translator:
             return None
         out = []
         for v in candidates:
-            if all(self._validator.evolve(schema=m).is_valid(v) for m, _ in members):
-                if v not in out:
-                    out.append(v)
+            valid = all(self._validator.evolve(schema=m).is_valid(v) for m, _ in members)
+            if valid and not any(_json_equal(v, w) for w in out):
+                out.append(v)
         return out
 
     def allowed_types(self, members: list[tuple[dict, str]]) -> list[str]:
@@ -352,10 +356,7 @@ class _Translator:
             if isinstance(fmt, str) and (regex := format_regex(fmt)) is not None:
                 parts.append(self.pattern(regex, mpath, search=False))
         length = s.repeat(self.json_char, lo, hi)
-        if parts and lo == 0 and hi is None:
-            content = s.and_(*parts)
-        else:
-            content = s.and_(length, *parts)
+        content = s.and_(*parts) if parts and lo == 0 and hi is None else s.and_(length, *parts)
         return s.seq(self.quote, content, self.quote)
 
     def pattern(self, pattern: Any, path: str, *, search: bool) -> int:
@@ -383,9 +384,10 @@ class _Translator:
                 if not isinstance(v, (int, float)):
                     raise self.error(mpath, f"'{kw}' must be a number")
                 d = Decimal(str(v))
-                excl = kw.startswith("exclusive") or member.get(
-                    "exclusive" + kw[0].upper() + kw[1:]
-                ) is True
+                excl = (
+                    kw.startswith("exclusive")
+                    or member.get("exclusive" + kw[0].upper() + kw[1:]) is True
+                )
                 if "inimum" in kw and (lo is None or d > lo or (d == lo and excl)):
                     lo, lo_excl = d, excl
                 elif "aximum" in kw and (hi is None or d < hi or (d == hi and excl)):
@@ -410,7 +412,9 @@ class _Translator:
             )
         except ValueError as e:
             raise self.error(path, f"number bounds: {e}") from None
-        return self.s.and_(self._regex(regex), *(self._decimal_multiple(m, path) for m in multiples))
+        return self.s.and_(
+            self._regex(regex), *(self._decimal_multiple(m, path) for m in multiples)
+        )
 
     def _int_multiple(self, m: Decimal, path: str) -> int:
         k = int(m)
@@ -455,7 +459,9 @@ class _Translator:
             rest.append(tail)
         unique = any(m.get("uniqueItems") is True for m, _ in members)
         if unique and (hi is None or hi > 1):
-            raise self.error(path, "'uniqueItems' is not supported: an automaton cannot compare items")
+            raise self.error(
+                path, "'uniqueItems' is not supported: an automaton cannot compare items"
+            )
         item_terms = [self._all_of(subs, f"{path}/items/{i}") for i, subs in enumerate(prefix)]
         rest_term = self._all_of(rest, f"{path}/items")
         if hi is not None and hi < lo:
@@ -505,7 +511,7 @@ class _Translator:
             props = member.get("properties", {})
             if not isinstance(props, dict):
                 raise self.error(mpath, "'properties' must be an object")
-            for key, sub in props.items():
+            for key, _sub in props.items():
                 obj.declared.setdefault(key, [])
             req = member.get("required", [])
             if not isinstance(req, list):
@@ -541,7 +547,7 @@ class _Translator:
             for kw in ("dependentRequired", "dependencies"):
                 if member.get(kw):
                     raise self.error(mpath, f"'{kw}' is not supported")
-        for schema, mpath in names:
+        for schema, _ in names:
             for key in list(obj.declared):
                 if not self._validator.evolve(schema=schema).is_valid(key):
                     obj.forbidden.add(key)
@@ -559,14 +565,18 @@ class _Translator:
         pairs = []  # (term of '"key":value', required)
         for key, schemas in obj.declared.items():
             required = key in obj.required
-            value = EMPTY if key in obj.forbidden else self._all_of(schemas, f"{path}/properties/{key}")
+            value = (
+                EMPTY if key in obj.forbidden else self._all_of(schemas, f"{path}/properties/{key}")
+            )
             if value == EMPTY:
                 if required:
                     return EMPTY
                 continue
             pairs.append((s.seq(s.literal(_dumps(key).encode()), self.colon, value), required))
         extra = self.extra_members(obj, extra_rules, names, path)
-        term = s.seq(s.literal(b"{"), self.ws, self._members(pairs, extra), self.ws, s.literal(b"}"))
+        term = s.seq(
+            s.literal(b"{"), self.ws, self._members(pairs, extra), self.ws, s.literal(b"}")
+        )
         if self._needs_member(members, len(obj.required)):
             term = s.and_(term, s.not_(s.seq(s.literal(b"{"), self.ws, s.literal(b"}"))))
         return term
@@ -594,10 +604,14 @@ class _Translator:
         """Term for one undeclared '"key":value' pair (EMPTY when none is allowed)."""
         s = self.s
         declared = [s.literal(_dumps(k).encode()) for k in obj.declared]
-        key_base = s.and_(self.any_string(), s.not_(s.alt(*declared))) if declared else self.any_string()
+        key_base = (
+            s.and_(self.any_string(), s.not_(s.alt(*declared))) if declared else self.any_string()
+        )
         for schema, mpath in names:
             key_base = s.and_(key_base, self.value(schema, f"{mpath}/propertyNames"))
         if not rules:
+            if obj.declared and not self.opt.extra_properties:
+                return EMPTY
             return s.seq(key_base, self.colon, self.any_value(self.opt.any_value_depth - 1))
         with_patterns = [r for r in rules if r[1]]
         if len(with_patterns) > 1:
@@ -665,8 +679,12 @@ class _Translator:
             items = s.seq(inner, s.star(s.seq(self.comma, inner)))
             pair = s.seq(self.any_string(), self.colon, inner)
             pairs = s.seq(pair, s.star(s.seq(self.comma, pair)))
-            scalars.append(s.seq(s.literal(b"["), self.ws, s.optional(items), self.ws, s.literal(b"]")))
-            scalars.append(s.seq(s.literal(b"{"), self.ws, s.optional(pairs), self.ws, s.literal(b"}")))
+            scalars.append(
+                s.seq(s.literal(b"["), self.ws, s.optional(items), self.ws, s.literal(b"]"))
+            )
+            scalars.append(
+                s.seq(s.literal(b"{"), self.ws, s.optional(pairs), self.ws, s.literal(b"}"))
+            )
         term = self._any[depth] = s.alt(*scalars)
         return term
 
@@ -713,13 +731,18 @@ class _Translator:
 
     def _dumps(self, value: Any, schema: Any, path: str) -> str:
         if isinstance(value, list):
-            items = [self._dumps(v, self._item_schema(schema, i, path), path) for i, v in enumerate(value)]
+            items = [
+                self._dumps(v, self._item_schema(schema, i, path), path)
+                for i, v in enumerate(value)
+            ]
             return "[" + ",".join(items) + "]"
         if not isinstance(value, dict) or not isinstance(schema, dict):
             return _dumps(value)
         members = self._matching_members(value, schema, path)
         obj, _, _ = self.merge_objects(members)
-        order = [k for k in obj.declared if k in value] + [k for k in value if k not in obj.declared]
+        order = [k for k in obj.declared if k in value] + [
+            k for k in value if k not in obj.declared
+        ]
         parts = []
         for key in order:
             sub = self._property_schema(members, key)
@@ -823,7 +846,11 @@ def _plain(d: Decimal) -> int | float:
 
 def _find_anchor(node: Any, name: str) -> Any:
     if isinstance(node, dict):
-        if node.get("$anchor") == name or node.get("$id") == "#" + name or node.get("id") == "#" + name:
+        if (
+            node.get("$anchor") == name
+            or node.get("$id") == "#" + name
+            or node.get("id") == "#" + name
+        ):
             return node
         children = node.values()
     elif isinstance(node, list):

@@ -236,7 +236,9 @@ class _Parser:
             elif c in ("=", "!"):
                 self.pos += 1
                 node = Look(self.alternation(), negative=c == "!")
-            elif c == "P" and self.peek(1) == "<" or c == "<" and self.peek(1) not in ("=", "!"):
+            elif (c == "P" and self.peek(1) == "<") or (
+                c == "<" and self.peek(1) not in ("=", "!")
+            ):
                 self.pos = self.src.index(">", self.pos) + 1 if ">" in self.src[self.pos :] else 0
                 if not self.pos:
                     raise self.error("unterminated group name")
@@ -309,7 +311,7 @@ class _Parser:
         if e == "A":
             self.pos += 1
             return Anchor(start=True)
-        if e == "Z" and self.flavor == "python" or e == "z":
+        if (e == "Z" and self.flavor == "python") or e == "z":
             self.pos += 1
             return Anchor(start=False)
         if e in ("b", "B"):

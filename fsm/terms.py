@@ -159,9 +159,7 @@ class TermStore:
         if len(members) == 1:
             return next(iter(members))
         args = tuple(sorted(members))
-        return self._make(
-            (_K_AND, *args), _K_AND, args, all(self._nullable[u] for u in args), True
-        )
+        return self._make((_K_AND, *args), _K_AND, args, all(self._nullable[u] for u in args), True)
 
     def not_(self, a: int) -> int:
         """Complement with respect to all byte strings."""

@@ -16,12 +16,23 @@ must fill ``table[q]``, set ``row_ready[q]`` and return True, or return False (t
 nothing) when the table must first grow to a larger capacity. The walk also stops for growth
 when it needs the row of a state ``q >= cap``. ``expand`` may write into the arrays while the
 walk holds them, but must never resize them in place.
+
+Self-loops: when the start state ``q`` loops on a set L of bytes (``table[q, b] == q``), every
+token made only of bytes in L stays in ``q`` and is allowed. `TokenTrie.loop_info` gives
+(and caches per L) the mask of those tokens and which subtrees hold nothing else; with it,
+`TokenTrie.fill_mask` starts from that mask and skips those subtrees, so a state that allows
+most of the vocabulary (inside a free string, say) only visits the nodes on paths that leave
+L.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import NamedTuple
 
 import numpy as np
 
@@ -34,13 +45,29 @@ DEAD = -1
 """`walk_bytes` result: a transition on the way was dead."""
 GROW = -2
 """`walk_bytes` result: the table must grow (``expand`` returned False or a state >= cap)."""
+LOOP_CACHE_SIZE = 32
+"""How many self-loop byte sets a `TokenTrie` keeps the `LoopInfo` of (least recently used
+out first)."""
+LOOP_MIN_NODES = 4096
+"""`TokenTrie.loop_info` gives None below this bound on the nodes the skip could save."""
+
+
+class LoopInfo(NamedTuple):
+    """The trie seen from a state that loops on the byte set L (read-only arrays)."""
+
+    mask: np.ndarray
+    """``uint32[ceil(size / 32)]``: the tokens whose bytes all lie in L."""
+    covered: np.ndarray
+    """``uint8[N]``: 1 where all tokens of the node's subtree are in `mask`: the bytes on the
+    path to the node and in its subtree (the node included) all lie in L."""
 
 
 @dataclass(frozen=True, eq=False)
 class TokenTrie:
     """Flat preorder trie over the token byte strings of one vocabulary (see module doc).
 
-    Built by `from_token_bytes`, whose arrays are read-only.
+    Built by `from_token_bytes`, whose arrays are read-only. Thread-safe: the lazily built
+    `LoopInfo` cache has its own lock.
     """
 
     node_byte: np.ndarray  # uint8[N]
@@ -49,6 +76,10 @@ class TokenTrie:
     node_token: np.ndarray  # int32[N]
     token_alias: np.ndarray  # int32[size]
     max_depth: int
+    _loop_cache: OrderedDict[bytes, LoopInfo] = field(
+        default_factory=OrderedDict, init=False, repr=False
+    )
+    _loop_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @classmethod
     def from_token_bytes(cls, token_bytes: Sequence[bytes | None]) -> TokenTrie:
@@ -119,13 +150,17 @@ class TokenTrie:
         start_state: int,
         expand: Expand,
         mask_out: np.ndarray,
+        loop: LoopInfo | None = None,
     ) -> bool:
         """Set in ``mask_out`` exactly the tokens whose bytes lead from ``start_state`` to a
         live state; return False when the table must grow first (then call again).
 
-        ``mask_out`` (``uint32[ceil(size / 32)]``, see `new_mask`) is zeroed first; on False
-        its content is unspecified. Exceptions from ``expand`` propagate; buffers of the wrong
-        size or item size raise ValueError.
+        ``loop``, from this trie's `loop_info`, must be that of a byte set whose bytes all
+        loop on ``start_state`` (``table[start_state, b] == start_state`` once the row is
+        filled), not necessarily all such bytes: the walk then starts from ``loop.mask`` and
+        skips the covered subtrees. ``mask_out`` (``uint32[ceil(size / 32)]``, see `new_mask`)
+        is overwritten; on False its content is unspecified. Exceptions from ``expand``
+        propagate; buffers of the wrong size or item size raise ValueError.
         """
         return _native.fill_mask(
             table,
@@ -138,7 +173,68 @@ class TokenTrie:
             start_state,
             expand,
             mask_out,
+            *(loop or (None, None)),
         )
+
+    def loop_info(self, self_loops: np.ndarray, min_nodes: int = LOOP_MIN_NODES) -> LoopInfo | None:
+        """The `LoopInfo` of the byte set ``self_loops`` (``bool[256]``, indexed by byte).
+
+        None when the subtrees of the root's children on those bytes hold fewer than
+        ``max(min_nodes, 1)`` nodes: the skip saves at most that many node visits, and
+        building the info costs about a walk of the whole trie. Cached per byte set (the
+        `LOOP_CACHE_SIZE` most recently used).
+        """
+        loops = np.asarray(self_loops, dtype=bool)
+        if loops.shape != (256,):
+            raise ValueError(f"self_loops: expected shape (256,), got {loops.shape}")
+        if self._root_sizes @ loops < max(min_nodes, 1):
+            return None
+        key = np.packbits(loops).tobytes()  # 32 bytes, bit b set iff byte b loops
+        with self._loop_lock:
+            info = self._loop_cache.get(key)
+            if info is not None:
+                self._loop_cache.move_to_end(key)
+                return info
+        info = self._build_loop_info(loops)
+        with self._loop_lock:
+            self._loop_cache[key] = info
+            while len(self._loop_cache) > LOOP_CACHE_SIZE:
+                self._loop_cache.popitem(last=False)
+        return info
+
+    @cached_property
+    def _root_sizes(self) -> np.ndarray:
+        """``int64[256]``: the number of nodes in the subtree of the root's child on each byte."""
+        roots = np.flatnonzero(self.node_depth == 1)
+        sizes = np.zeros(256, dtype=np.int64)
+        sizes[self.node_byte[roots]] = self.node_skip[roots] - roots
+        return sizes
+
+    def _build_loop_info(self, loops: np.ndarray) -> LoopInfo:
+        """`LoopInfo` of the byte set ``loops``: O(N + size), vectorized over the preorder."""
+        n, skip = self.num_nodes, self.node_skip
+        outside = np.take(~loops, self.node_byte)  # the node's own byte is not in L
+        # A node's path stays in L iff no ancestor-or-self is outside: count, per node, the
+        # subtrees of outside nodes containing it (+1 at the node, -1 at its subtree end).
+        starts = np.flatnonzero(outside)
+        nesting = np.bincount(starts, minlength=n + 1) - np.bincount(skip[starts], minlength=n + 1)
+        on_loop = np.cumsum(nesting[:n]) == 0
+        # The subtree i .. skip[i] - 1 has an outside node iff the outside count grows over it.
+        before = np.concatenate(([0], np.cumsum(outside, dtype=np.int32)))
+        covered = (on_loop & (np.take(before, skip) == before[:n])).view(np.uint8)
+        # The tokens of on-loop nodes; nodes without one (-1) set the extra last bit.
+        bits = np.zeros((self.size + 31) // 32 * 32 + 1, dtype=bool)
+        bits[self.node_token[on_loop]] = True
+        bits = bits[:-1]
+        tokens = np.flatnonzero(bits[: self.size] & (self.token_alias >= 0))
+        while len(tokens):  # follow the alias chains one link at a time
+            tokens = self.token_alias[tokens]
+            bits[tokens] = True
+            tokens = tokens[self.token_alias[tokens] >= 0]
+        mask = np.packbits(bits, bitorder="little").view("<u4").astype(np.uint32)
+        mask.setflags(write=False)
+        covered.setflags(write=False)
+        return LoopInfo(mask, covered)
 
 
 def walk_bytes(

@@ -14,8 +14,8 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import PreTrainedTokenizerFast
 
 from backend.model_loader import load_tokenizer, resolve_model_dir
-from fsm.token_trie import DEAD, GROW, TokenTrie, walk_bytes
-from fsm.vocabulary import Vocabulary
+from fsm import TokenGuide, Vocabulary, _native, compile_json_schema, compile_regex
+from fsm.token_trie import DEAD, GROW, LOOP_CACHE_SIZE, LoopInfo, TokenTrie, walk_bytes
 
 TEXTS = [
     "Hello, world! The quick brown fox jumps over the lazy dog.",
@@ -202,11 +202,14 @@ class LazyDfa:
         ready[: len(self.ready)] = self.ready
         self.table, self.ready = table, ready
 
-    def fill_mask(self, trie: TokenTrie, start: int) -> tuple[np.ndarray, int]:
+    def fill_mask(
+        self, trie: TokenTrie, start: int, loop: LoopInfo | None = None
+    ) -> tuple[np.ndarray, int]:
         """The mask from ``start``, and how many calls it took."""
         mask = trie.new_mask()
+        mask[:] = 0xDEADBEEF  # overwritten, never merged
         calls = 1
-        while not trie.fill_mask(self.table, self.ready, start, self.expand, mask):
+        while not trie.fill_mask(self.table, self.ready, start, self.expand, mask, loop):
             self.grow()
             calls += 1
         return mask, calls
@@ -222,13 +225,14 @@ ALPHABET = b"ab\x00\xff"
 
 @st.composite
 def dfas(draw) -> np.ndarray:
-    """A table over ALPHABET (other bytes dead) with 1-6 states, some rows all dead."""
+    """A table over ALPHABET (other bytes dead) with 1-6 states, some rows all dead, with
+    self-loops drawn often (for the self-loop skip)."""
     n = draw(st.integers(1, 6))
     table = np.full((n, 256), -1, dtype=np.int32)
     for q in range(n):
         if draw(st.booleans()) or q == 0:
             for b in ALPHABET:
-                table[q, b] = draw(st.integers(-1, n - 1))
+                table[q, b] = draw(st.one_of(st.just(q), st.integers(-1, n - 1)))
     return table
 
 
@@ -268,6 +272,23 @@ def check_trie_layout(trie: TokenTrie, token_bytes: list[bytes | None]) -> None:
     assert trie.max_depth == max((len(b) for b in expected), default=0)
 
 
+def check_loop_info(trie: TokenTrie, token_bytes: list[bytes | None], loops: set[int]) -> None:
+    """`TokenTrie.loop_info` against its definition, node by node and token by token."""
+    info = trie.loop_info(np.isin(np.arange(256), list(loops)), min_nodes=0)
+    if info is None:  # no node to skip
+        assert not loops & set(trie.node_byte[trie.node_depth == 1].tolist())
+        return
+    assert not info.mask.flags.writeable and not info.covered.flags.writeable
+    in_loop = {t for t, b in enumerate(token_bytes) if b and set(b) <= loops}
+    assert mask_ids(info.mask, len(token_bytes)) == in_loop
+    depths = trie.node_depth.tolist()
+    path: list[int] = []
+    for i, d in enumerate(depths):
+        path[d - 1 :] = [int(trie.node_byte[i])]
+        subtree = trie.node_byte[i : trie.node_skip[i]].tolist()
+        assert info.covered[i] == (set(path) <= loops and set(subtree) <= loops)
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     table=dfas(),
@@ -275,6 +296,7 @@ def check_trie_layout(trie: TokenTrie, token_bytes: list[bytes | None]) -> None:
     cap=st.integers(1, 8),
     refuse_once=st.booleans(),
     data=st.lists(st.binary(max_size=6), max_size=4),
+    loop_subset=st.sets(st.sampled_from(list(ALPHABET))),
 )
 def test_native_walk_matches_reference(
     table: np.ndarray,
@@ -282,18 +304,71 @@ def test_native_walk_matches_reference(
     cap: int,
     refuse_once: bool,
     data: list[bytes],
+    loop_subset: set[int],
 ) -> None:
+    """Each start state three ways: a plain walk, with all its self-loop bytes and with some
+    of them (any subset is allowed); each on a fresh table that fills lazily and grows on
+    demand (``refuse_once``: the first expand asks for growth)."""
     trie = TokenTrie.from_token_bytes(token_bytes)
     check_trie_layout(trie, token_bytes)
-    dfa = LazyDfa(table, cap, refuse_once)
     for start in range(len(table)):
-        mask, calls = dfa.fill_mask(trie, start)
-        assert mask_ids(mask, len(token_bytes)) == reference_mask(table, start, token_bytes)
-        if refuse_once and trie.num_nodes:
-            assert calls > 1
-            refuse_once = False
+        expected = reference_mask(table, start, token_bytes)
+        loops = table[start] == start
+        some_loops = loops & np.isin(np.arange(256), list(loop_subset))
+        for loop in (None, *(trie.loop_info(ls, min_nodes=0) for ls in (loops, some_loops))):
+            dfa = LazyDfa(table, cap, refuse_once)
+            mask, calls = dfa.fill_mask(trie, start, loop)
+            assert mask_ids(mask, len(token_bytes)) == expected
+            assert calls > 1 or not (refuse_once and trie.num_nodes)
+        check_loop_info(trie, token_bytes, set(np.flatnonzero(loops).tolist()))
         for chunk in data:
             assert dfa.walk(start, chunk) == reference_walk(table, start, chunk)
+
+
+def test_loop_info_cache() -> None:
+    """One `LoopInfo` per byte set, kept for the `LOOP_CACHE_SIZE` most recently used, and
+    None when the subtrees it could skip are too small."""
+    trie = TokenTrie.from_token_bytes([bytes([b, b]) for b in range(LOOP_CACHE_SIZE + 1)])
+    sets = [np.arange(256) == b for b in range(LOOP_CACHE_SIZE + 1)]
+    first = trie.loop_info(sets[0], min_nodes=2)
+    assert first is not None and trie.loop_info(sets[0].copy(), min_nodes=2) is first
+    assert trie.loop_info(sets[0], min_nodes=3) is None  # the subtree of b"\0" has 2 nodes
+    assert trie.loop_info(sets[0]) is None  # LOOP_MIN_NODES
+    assert trie.loop_info(np.zeros(256, dtype=bool), min_nodes=0) is None
+    assert trie.loop_info(np.arange(256) == 255, min_nodes=0) is None  # no such root child
+    for loops in sets[1:]:
+        trie.loop_info(loops, min_nodes=0)
+    last = trie.loop_info(sets[-1], min_nodes=0)
+    assert last is not None and trie.loop_info(sets[-1], min_nodes=0) is last
+    assert trie.loop_info(sets[0], min_nodes=0) is not first  # evicted, rebuilt
+    assert mask_ids(last.mask, trie.size) == {LOOP_CACHE_SIZE}
+    with pytest.raises(ValueError, match="self_loops"):
+        trie.loop_info(np.ones(255, dtype=bool))
+
+
+def test_loop_skip_walks_only_paths_leaving_the_loop() -> None:
+    """From a state looping on b"a", the subtree of b"aa..." is never walked: a malformed
+    node there (a bad token id) goes unnoticed, while the plain walk trips on it."""
+    trie = TokenTrie.from_token_bytes([b"a", b"aa", b"aaa", b"ab", b"b", b"ba"])
+    bad_token = trie.node_token.copy()
+    bad_token[2] = 99  # the node of b"aaa"
+    table = np.full((2, 256), -1, dtype=np.int32)
+    table[0, ord("a")] = 0
+    table[0, ord("b")] = 1
+    table[1, ord("a")] = 0
+    ready = np.ones(2, dtype=np.uint8)
+    info = trie.loop_info(table[0] == 0, min_nodes=0)
+    assert info is not None and info.covered.tolist() == [0, 1, 1, 0, 0, 0]
+    args = [table, ready, trie.node_byte, trie.node_depth, trie.node_skip, bad_token]
+    mask = trie.new_mask()
+
+    def never(q: int) -> bool:
+        pytest.fail(f"expand({q})")
+
+    assert _native.fill_mask(*args, trie.token_alias, 0, never, mask, *info)
+    assert mask_ids(mask, 6) == {0, 1, 2, 3, 4, 5}
+    with pytest.raises(ValueError, match="token id out of range"):
+        _native.fill_mask(*args, trie.token_alias, 0, never, mask, None, None)
 
 
 def test_native_walk_expands_lazily() -> None:
@@ -348,21 +423,41 @@ def test_native_walk_errors() -> None:
         trie.fill_mask(*ok[:4], readonly)
     assert walk_bytes(table, ready, 5, b"", ok[3]) == 5
     assert walk_bytes(table, ready, 5, b"a", ok[3]) == GROW
+    info = trie.loop_info(np.ones(256, dtype=bool), min_nodes=0)
+    assert info is not None
+    native_args = (table, ready, trie.node_byte, trie.node_depth, trie.node_skip, trie.node_token)
+    tail = (trie.token_alias, 0, ok[3], trie.new_mask())
+    assert _native.fill_mask(*native_args, *tail, *info)
+    bad_loops = [
+        (info.mask[:-1], info.covered),
+        (info.mask, info.covered[:-1]),
+        (info.mask.view(np.uint8), info.covered),
+        (info.mask, info.covered.astype(np.int32)),
+    ]
+    for loops in bad_loops:
+        with pytest.raises(ValueError, match="loop_"):
+            _native.fill_mask(*native_args, *tail, *loops)
+    with pytest.raises(TypeError, match="both be None"):
+        _native.fill_mask(*native_args, *tail, info.mask, None)
 
 
 def test_native_walk_on_real_vocabulary(smol_vocab: Vocabulary) -> None:
     trie, token_bytes = smol_vocab.trie, smol_vocab.token_bytes
     digits = np.full((1, 256), -1, dtype=np.int32)
     digits[0, ord("0") : ord("9") + 1] = 0
-    dfa = LazyDfa(digits, cap=1, refuse_once=True)
-    mask, _ = dfa.fill_mask(trie, 0)
     expected = {t for t, b in enumerate(token_bytes) if b and b.isdigit()}
-    assert expected and mask_ids(mask, smol_vocab.size) == expected
+    for loop in (None, trie.loop_info(digits[0] == 0, min_nodes=0)):
+        dfa = LazyDfa(digits, cap=1, refuse_once=True)
+        mask, _ = dfa.fill_mask(trie, 0, loop)
+        assert expected and mask_ids(mask, smol_vocab.size) == expected
     assert dfa.walk(0, b"2024") == 0 and dfa.walk(0, b"20x") == DEAD
 
     anything = np.zeros((1, 256), dtype=np.int32)
-    mask, _ = LazyDfa(anything, cap=1, refuse_once=False).fill_mask(trie, 0)
-    assert mask_ids(mask, smol_vocab.size) == {t for t, b in enumerate(token_bytes) if b}
+    everything = trie.loop_info(anything[0] == 0)
+    assert everything is not None and everything.covered.all()  # the walk skips every node
+    for loop in (None, everything):
+        mask, _ = LazyDfa(anything, cap=1, refuse_once=False).fill_mask(trie, 0, loop)
+        assert mask_ids(mask, smol_vocab.size) == {t for t, b in enumerate(token_bytes) if b}
 
     # [a-z]+ then one space: a few states, filled lazily.
     words = np.full((3, 256), -1, dtype=np.int32)
@@ -370,3 +465,45 @@ def test_native_walk_on_real_vocabulary(smol_vocab: Vocabulary) -> None:
     words[1, ord(" ")] = 2
     mask, _ = LazyDfa(words, cap=1, refuse_once=False).fill_mask(trie, 0)
     assert mask_ids(mask, smol_vocab.size) == reference_mask(words, 0, token_bytes)
+
+
+def brute_force_mask(guide: TokenGuide, state: int) -> np.ndarray:
+    """The mask of `state` from one `guide.walk` per token (EOS where the state accepts)."""
+    vocab = guide.vocab
+    bits = np.zeros((vocab.size + 31) // 32 * 32, dtype=bool)
+    for t, b in enumerate(vocab.token_bytes):
+        bits[t] = bool(b) and guide.walk(state, b) != DEAD
+    bits[list(vocab.eos_token_ids)] = guide.is_accepting(state)
+    return np.packbits(bits, bitorder="little").view("<u4").astype(np.uint32)
+
+
+@pytest.mark.parametrize(
+    ("constraint", "prefixes"),
+    [
+        (
+            {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]},
+            # inside the string (self-loops on most of ASCII), after an escape, inside a UTF-8
+            # character, after the string
+            {b'{"a":"ab': True, b'{"a":"ab\\': False, b'{"a":"\xc3': False, b'{"a":"x"': False},
+        ),
+        ("[0-9]+(\\.[0-9]+)?", {b"12": False, b"12.": False, b"12.5": False}),
+        ("[a-z ]+,[^,]*", {b"ab": True, b"ab,": True, b"ab,\xe2\x80": False}),
+    ],
+)
+def test_guide_masks_match_brute_force(
+    smol_vocab: Vocabulary, constraint: dict | str, prefixes: dict[bytes, bool]
+) -> None:
+    """Masks of a real guide (lazy DFA) equal one walk per token, with the self-loop skip
+    where ``prefixes`` says its state loops on enough of the trie (see `LOOP_MIN_NODES`)."""
+    if isinstance(constraint, str):
+        guide = compile_regex(constraint, smol_vocab)
+    else:
+        guide = compile_json_schema(constraint, smol_vocab)
+    for prefix, skips in prefixes.items():
+        state = guide.walk(guide.initial_state, prefix)
+        assert state != DEAD, prefix
+        mask = guide.allowed_mask(state)
+        assert not mask.flags.writeable
+        np.testing.assert_array_equal(mask, brute_force_mask(guide, state), err_msg=str(prefix))
+        loop = smol_vocab.trie.loop_info(guide.dfa.row(state) == state)
+        assert (loop is not None) == skips, prefix
