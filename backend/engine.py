@@ -29,6 +29,7 @@ from backend.radix_cache import RadixCache
 from backend.request import Req, ReqUpdate
 from backend.sampling_params import SamplingParams
 from backend.scheduler import Scheduler
+from fsm.terms import big_stack
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -175,7 +176,8 @@ class Engine:
         self._inbox: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="sgl-dsl-engine", daemon=True)
         self._closed = False
-        self._thread.start()
+        with big_stack():  # constrained decoding walks deep terms on this thread
+            self._thread.start()
         logger.info(
             "engine ready: %s, %d KV slots (%.0f MiB), context %d",
             self.model_dir.name,

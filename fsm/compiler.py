@@ -18,7 +18,7 @@ from fsm.errors import ConstraintError
 from fsm.guide import TokenGuide
 from fsm.json_schema import Options, schema_term
 from fsm.regex import regex_term
-from fsm.terms import TermStore
+from fsm.terms import TermStore, big_stack
 from fsm.vocabulary import Vocabulary
 
 CONSTRAINT_KINDS = ("regex", "json_schema")
@@ -84,6 +84,8 @@ class GuideCompiler:
         self._cache: OrderedDict[tuple[str, str], Future[TokenGuide]] = OrderedDict()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsm-compile")
+        with big_stack():  # start the worker now, with a deep stack
+            self._pool.submit(lambda: None).result()
 
     def submit(self, kind: str, source: Any) -> Future[TokenGuide]:
         """Compile (or reuse) the guide for a `regex` or `json_schema` constraint."""

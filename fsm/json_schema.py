@@ -63,7 +63,6 @@ _UNSUPPORTED = {
     "unevaluatedItems": "it depends on which subschemas were evaluated",
     "$dynamicRef": "dynamic references are not supported",
     "$recursiveRef": "dynamic references are not supported",
-    "dependentSchemas": "property-dependent subschemas are not supported",
 }
 _MAX_ALTERNATIVES = 64
 _MAX_PATTERN_REGIONS = 3
@@ -119,7 +118,7 @@ class _Translator:
         self.s = store
         self.root_schema = root
         self.opt = options
-        self._memo: dict[tuple, int] = {}
+        self._memo: dict[tuple, tuple[Any, int]] = {}
         self._any: dict[int, int] = {}
         self._ref_stack: list[str] = []
         self._reached: Counter[str] = Counter()
@@ -163,10 +162,10 @@ class _Translator:
         if not isinstance(schema, dict):
             raise self.error(path, f"a schema must be an object or a boolean, not {schema!r:.60}")
         key = (id(schema), tuple(self._ref_stack))
-        term = self._memo.get(key)
-        if term is None:
-            term = self._memo[key] = self._value(schema, path)
-        return term
+        hit = self._memo.get(key)
+        if hit is None or hit[0] is not schema:
+            hit = self._memo[key] = (schema, self._value(schema, path))  # keeps `schema` alive
+        return hit[1]
 
     def _value(self, schema: dict, path: str) -> int:
         saved = self._ref_stack
@@ -202,7 +201,8 @@ class _Translator:
             if not isinstance(subs, list) or not subs:
                 raise self.error(path, f"'{kw}' must be a non-empty array")
             if kw == "oneOf":
-                self.check_exclusive(subs, f"{path}/oneOf")
+                extra = self.exclusive_restrictions(subs, f"{path}/oneOf")
+                subs = [{"allOf": [sub, *more]} if more else sub for sub, more in zip(subs, extra)]
             found = [
                 conj
                 for i, sub in enumerate(subs)
@@ -241,6 +241,31 @@ class _Translator:
             elif isinstance(sub, dict):
                 yield from self.flatten(sub, f"{path}/allOf/{i}")
         yield schema, path
+        for implied in self._implied(schema, path):
+            yield from self.flatten(implied, path)
+
+    def _implied(self, schema: dict, path: str) -> Iterator[dict]:
+        """Keywords rewritten as `anyOf`s: dependencies, `not`, and if/then/else."""
+        for kw in ("dependencies", "dependentRequired", "dependentSchemas"):
+            deps = schema.get(kw, {})
+            if not isinstance(deps, dict):
+                raise self.error(path, f"'{kw}' must be an object")
+            for key, need in deps.items():
+                then = {"required": [key, *need]} if isinstance(need, list) else {
+                    "allOf": [{"required": [key]}, need]
+                }  # fmt: skip
+                yield {"anyOf": [{"properties": {key: False}}, then]}
+        if "not" in schema and schema["not"] != {} and not _excluded_values(schema):
+            negated = _negate(schema["not"])
+            if negated is None:
+                raise self.error(path, "'not' is supported only for simple schemas")
+            yield negated
+        if "if" in schema:
+            negated = _negate(schema["if"])
+            if negated is None:
+                raise self.error(path, "'if' is supported only for simple conditions")
+            then, other = schema.get("then", True), schema.get("else", True)
+            yield {"anyOf": [{"allOf": [schema["if"], then]}, {"allOf": [negated, other]}]}
 
     def resolve(self, ref: Any, path: str) -> tuple[Any, str]:
         if not isinstance(ref, str):
@@ -272,17 +297,18 @@ class _Translator:
             for kw, why in _UNSUPPORTED.items():
                 if kw in member:
                     raise self.error(mpath, f"'{kw}' is not supported: {why}")
-            if "not" in member and member["not"] != {}:
-                raise self.error(mpath, "'not' is not supported")
-            if any(k in member for k in ("if", "then", "else")) and "if" in member:
-                raise self.error(mpath, "'if'/'then'/'else' is not supported")
         if any(m.get("not") == {} for m, _ in members):
             return EMPTY
+        s = self.s
         values = self.finite_values(members)
         if values is not None:
-            return self.s.alt(*(self.s.literal(_dumps(v).encode()) for v in values))
-        terms = [self.typed(t, members, path) for t in self.allowed_types(members)]
-        return self.s.alt(*terms)
+            schema = {"allOf": [m for m, _ in members]}
+            return s.alt(*(s.literal(self._dumps(v, schema, path).encode()) for v in values))
+        term = s.alt(*(self.typed(t, members, path) for t in self.allowed_types(members)))
+        excluded = [v for m, _ in members for v in _excluded_values(m)]
+        if excluded:
+            term = s.and_(term, s.not_(s.alt(*(s.literal(_dumps(v).encode()) for v in excluded))))
+        return term
 
     def finite_values(self, members: list[tuple[dict, str]]) -> list[Any] | None:
         """The `enum`/`const` values every member accepts, or None if no member lists values."""
@@ -306,11 +332,16 @@ class _Translator:
                 out.append(v)
         return out
 
-    def allowed_types(self, members: list[tuple[dict, str]]) -> list[str]:
+    def allowed_types(self, members: list[tuple[dict, str]], *, implied: bool = True) -> list[str]:
+        """Types every member admits; with `implied`, a member without `type` admits only the
+        types its keywords describe (a narrowing used for generation, not for reasoning
+        about which values validate)."""
         allowed = set(TYPES)
         for member, mpath in members:
             declared = member.get("type")
             if declared is None:
+                if not implied:
+                    continue
                 implied = {_KEYWORD_TYPES[k] for k in member if k in _KEYWORD_TYPES}
                 if implied:
                     allowed &= implied | ({"integer"} if "number" in implied else set())
@@ -318,10 +349,7 @@ class _Translator:
             names = [declared] if isinstance(declared, str) else declared
             if not isinstance(names, list) or any(n not in TYPES for n in names):
                 raise self.error(mpath, f"'type' has an unknown type: {declared!r}")
-            names = set(names) | ({"integer"} if "number" in names else set())
-            if member.get("nullable") is True:
-                names.add("null")
-            allowed &= names
+            allowed &= set(names) | ({"integer"} if "number" in names else set())
         if "integer" in allowed and "number" in allowed:
             allowed.discard("integer")  # the number language contains every integer
         return [t for t in TYPES if t in allowed]
@@ -544,9 +572,6 @@ class _Translator:
                 extra_rules.append((mpath, list(patterns.items()), additional))
             if "propertyNames" in member:
                 names.append((member["propertyNames"], mpath))
-            for kw in ("dependentRequired", "dependencies"):
-                if member.get(kw):
-                    raise self.error(mpath, f"'{kw}' is not supported")
         for schema, _ in names:
             for key in list(obj.declared):
                 if not self._validator.evolve(schema=schema).is_valid(key):
@@ -623,12 +648,14 @@ class _Translator:
             value = self._all_of(others, f"{path}/additionalProperties")
             return s.seq(key_base, self.colon, value) if value != EMPTY else EMPTY
         mpath, patterns, additional = with_patterns[0]
-        if len(patterns) > _MAX_PATTERN_REGIONS:
-            raise self.error(mpath, f"more than {_MAX_PATTERN_REGIONS} patternProperties")
         langs = [self._key_pattern(p, mpath) for p, _ in patterns]
+        n = len(patterns)
+        if n <= _MAX_PATTERN_REGIONS:  # every combination of matched patterns
+            regions = [[i for i in range(n) if subset >> i & 1] for subset in range(1 << n)]
+        else:  # keys matching exactly one pattern, or none (keys matching several are left out)
+            regions = [[], *([i] for i in range(n))]
         out = []
-        for subset in range(1 << len(patterns)):
-            inside = [i for i in range(len(patterns)) if subset >> i & 1]
+        for inside in regions:
             key = s.and_(
                 key_base,
                 *(langs[i] if i in inside else s.not_(langs[i]) for i in range(len(patterns))),
@@ -690,17 +717,30 @@ class _Translator:
 
     # ------------------------------------------------------------------ oneOf
 
-    def check_exclusive(self, subs: list[Any], path: str) -> None:
-        """Raise unless every two `oneOf` branches provably accept no common value."""
+    def exclusive_restrictions(self, subs: list[Any], path: str) -> list[list[dict]]:
+        """Per `oneOf` branch, extra schemas that make the branches mutually exclusive.
+
+        Two branches need nothing when they provably share no value. Otherwise a branch is
+        narrowed by a sufficient condition for failing the other one (which only drops valid
+        values, never admits invalid ones): a key on which both branches hold disjoint
+        constants must be present, a key the other branch requires must be missing, or a
+        key the other (closed) branch does not declare must be present.
+        """
         infos = [self._branch_info(sub, f"{path}/{i}") for i, sub in enumerate(subs)]
+        extra: list[list[dict]] = [[] for _ in subs]
         for i in range(len(subs)):
-            for j in range(i + 1, len(subs)):
-                if not _disjoint(infos[i], infos[j]):
+            for j in range(len(subs)):
+                if i == j or _disjoint(infos[i], infos[j]):
+                    continue
+                restriction = _separator(infos[i], infos[j])
+                if restriction is None:
                     raise self.error(
                         path,
                         f"'oneOf' branches {i} and {j} may both match a value, so exactly-one "
                         "cannot be enforced (use anyOf if overlap is acceptable)",
                     )
+                extra[i].append(restriction)
+        return extra
 
     def _branch_info(self, sub: Any, path: str) -> dict:
         if not isinstance(sub, dict):
@@ -709,7 +749,7 @@ class _Translator:
         if any(("anyOf" in m or "oneOf" in m) for m in members):
             return {"types": set(TYPES)}
         values = self.finite_values([(m, path) for m in members])
-        types = set(self.allowed_types([(m, path) for m in members]))
+        types = set(self.allowed_types([(m, path) for m in members], implied=False))
         if "number" in types:
             types.add("integer")
         consts: dict[str, list] = {}
@@ -811,6 +851,80 @@ def _json_equal(a: Any, b: Any) -> bool:
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(_json_equal(a[k], b[k]) for k in a)
     return a == b
+
+
+_SCALARS = (str, bool, type(None))
+_ANNOTATIONS = {"title", "description", "$comment", "examples", "default", "deprecated"}
+
+
+def _negate(schema: Any) -> dict | None:
+    """A schema accepting exactly the values `schema` rejects, for the forms we can express
+    exactly; None otherwise."""
+    if schema is True or schema == {}:
+        return {"not": {}}
+    if schema is False:
+        return {}
+    if not isinstance(schema, dict):
+        return None
+    keys = set(schema) - _ANNOTATIONS
+    if keys == {"enum"} or keys == {"const"}:
+        values = schema["enum"] if "enum" in schema else [schema["const"]]
+        if isinstance(values, list) and all(isinstance(v, _SCALARS) for v in values):
+            return {"not": {"enum": values}}  # excluded literals, see _excluded_values
+        return None
+    if keys == {"type"}:
+        named = [schema["type"]] if isinstance(schema["type"], str) else schema["type"]
+        if not isinstance(named, list) or ("integer" in named and "number" not in named):
+            return None
+        return {"type": [t for t in TYPES if t not in named and t != "integer"]}
+    if keys == {"required"} and isinstance(schema["required"], list):
+        return {"type": "object", "anyOf": [{"properties": {k: False}} for k in schema["required"]]}
+    if keys in ({"properties"}, {"properties", "required"}, {"properties", "type"},
+                {"properties", "required", "type"}):  # fmt: skip
+        if schema.get("type", "object") != "object":
+            return None
+        props = schema["properties"]
+        required = schema.get("required", [])
+        if not isinstance(props, dict) or len(props) != 1 or set(required) - set(props):
+            return None
+        ((key, sub),) = props.items()
+        inner = _negate(sub)
+        if inner is None:
+            return None
+        fails = {"type": "object", "required": [key], "properties": {key: inner}}
+        if key in required:
+            return {"anyOf": [{"type": "object", "properties": {key: False}}, fails]}
+        return fails
+    if keys == {"anyOf"} and isinstance(schema["anyOf"], list):
+        parts = [_negate(sub) for sub in schema["anyOf"]]
+        return None if any(p is None for p in parts) else {"allOf": parts}
+    return None
+
+
+def _excluded_values(member: dict) -> list[Any]:
+    """Scalar values a member's `not: {enum}` forbids (written by `_negate`)."""
+    neg = member.get("not")
+    values = neg.get("enum") if isinstance(neg, dict) and set(neg) == {"enum"} else None
+    if isinstance(values, list) and all(isinstance(v, _SCALARS) for v in values):
+        return values
+    return []
+
+
+def _separator(a: dict, b: dict) -> dict | None:
+    """A schema that, added to branch `a`, guarantees that branch `b` fails (or None)."""
+    if a["types"] & b["types"] != {"object"}:
+        return None  # the restrictions below only separate objects
+    for key in sorted(set(a.get("consts", {})) & set(b.get("consts", {}))):
+        if not any(_json_equal(x, y) for x in a["consts"][key] for y in b["consts"][key]):
+            return {"required": [key]}
+    missing = sorted(b.get("required", set()) - a.get("required", set()))
+    if missing:
+        return {"anyOf": [{"properties": {k: False}} for k in missing]}
+    if b.get("closed") is not None and a.get("closed") is not None:
+        outside = sorted(a["closed"] - b["closed"])
+        if outside:
+            return {"anyOf": [{"required": [k]} for k in outside]}
+    return None
 
 
 def _item_schemas(member: dict) -> tuple[list[Any], Any]:

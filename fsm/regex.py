@@ -18,6 +18,7 @@ Semantics:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -170,9 +171,9 @@ class _Parser:
             return None
         body = self.src[self.pos + 1 : end]
         lo_s, comma, hi_s = body.partition(",")
-        if not (lo_s.isdigit() or (lo_s == "" and comma and self.flavor == "python")):
+        if not (_is_number(lo_s) or (lo_s == "" and comma and self.flavor == "python")):
             return None
-        if hi_s and not hi_s.isdigit():
+        if hi_s and not _is_number(hi_s):
             return None
         lo = int(lo_s or 0)
         hi = int(hi_s) if hi_s else (None if comma else lo)
@@ -297,17 +298,25 @@ class _Parser:
         e = self.peek()
         if e in _CLASS_ESCAPES:
             self.pos += 1
-            return _CLASS_ESCAPES[e]
+            return self.class_escape(e)
         if e == "b":
             self.pos += 1
             return 0x08
         return self.escaped_code_point()
 
+    def class_escape(self, e: str) -> cs.CharSet:
+        """`\\d \\w \\s` are ASCII. For ECMA patterns (validated by engines whose classes are
+        Unicode), the negated `\\D \\W \\S` exclude every Unicode digit, word character and
+        space, so that a match is a match under either reading."""
+        if self.flavor == "ecma" and e in "DWS":
+            return cs.negate(_unicode_class(e.lower()))
+        return _CLASS_ESCAPES[e]
+
     def escape(self) -> object:
         e = self.peek()
         if e in _CLASS_ESCAPES:
             self.pos += 1
-            return Chars(_CLASS_ESCAPES[e])
+            return Chars(self.class_escape(e))
         if e == "A":
             self.pos += 1
             return Anchor(start=True)
@@ -316,7 +325,7 @@ class _Parser:
             return Anchor(start=False)
         if e in ("b", "B"):
             raise self.error("word boundaries are not supported")
-        if e.isdigit() and e != "0":
+        if e in "123456789" and e:
             raise self.error("backreferences are not supported")
         if e in ("p", "P"):
             raise self.error("Unicode property classes are not supported")
@@ -330,16 +339,20 @@ class _Parser:
             raise self.error("pattern ends with a backslash")
         self.pos += 1
         if e in _CHAR_ESCAPES:
-            if e == "0" and self.flavor == "python" and self.peek().isdigit():
-                return self._hex_digits(0, 8, "01234567")
+            if e == "0" and self.flavor == "python":
+                return self._octal()
             return _CHAR_ESCAPES[e]
         if e == "x":
             return self._hex_digits(2)
         if e == "u":
             if self.peek() == "{":
                 end = self.src.find("}", self.pos)
+                if end < 0:
+                    raise self.error("unterminated \\u{...} escape")
                 self.pos += 1
-                return self._hex_digits(end - self.pos)
+                cp = self._hex_digits(end - self.pos)
+                self.pos += 1
+                return cp
             return self._hex_digits(4)
         if e == "U" and self.flavor == "python":
             return self._hex_digits(8)
@@ -352,18 +365,22 @@ class _Parser:
             raise self.error(f"unknown escape '\\{e}'")
         return ord(e)
 
-    def _hex_digits(self, n: int, base: int = 16, digits: str = "0123456789abcdefABCDEF") -> int:
-        text = ""
-        while len(text) < n and self.peek() and self.peek() in digits:
+    def _hex_digits(self, n: int) -> int:
+        text = self.src[self.pos : self.pos + n]
+        if len(text) != n or not all(c in "0123456789abcdefABCDEF" for c in text):
+            raise self.error("bad hexadecimal escape")
+        self.pos += n
+        if int(text, 16) > cs.MAX_CODE_POINT:
+            raise self.error("hexadecimal escape beyond U+10FFFF")
+        return int(text, 16)
+
+    def _octal(self) -> int:
+        """Python's `\\0oo`: up to two more octal digits after the zero."""
+        text = "0"
+        while len(text) < 3 and self.peek() in ("0", "1", "2", "3", "4", "5", "6", "7"):
             text += self.peek()
             self.pos += 1
-        if base == 8:
-            return int(text, 8)
-        if self.peek() == "}":
-            self.pos += 1
-        if len(text) != n or int(text, 16) > cs.MAX_CODE_POINT:
-            raise self.error("bad hexadecimal escape")
-        return int(text, 16)
+        return int(text, 8)
 
 
 class _Translator:
@@ -418,6 +435,20 @@ class _Translator:
         if isinstance(node, Anchor):
             raise self.error("anchors are supported only at the start or end of the pattern")
         raise self.error("lookaheads are supported only in the top-level sequence")
+
+
+def _is_number(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
+@functools.cache
+def _unicode_class(name: str) -> cs.CharSet:
+    """Python `re`'s Unicode `\\d`, `\\w` or `\\s` (with ECMA-262's whitespace added to `s`)."""
+    test = {"d": str.isdecimal, "w": lambda c: c.isalnum() or c == "_", "s": str.isspace}[name]
+    ranges = [(cp, cp) for cp in range(cs.MAX_CODE_POINT + 1) if test(chr(cp))]
+    if name == "s":
+        ranges += [(0xFEFF, 0xFEFF), *_SPACE]
+    return cs.normalize(ranges)
 
 
 def _branches(node: object) -> list[object]:

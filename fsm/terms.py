@@ -21,6 +21,9 @@ Contracts:
 from __future__ import annotations
 
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 EMPTY = 0  # the empty language
 EPS = 1  # the language {""}
@@ -29,8 +32,21 @@ ALL_BYTES = (1 << 256) - 1
 _K_EMPTY, _K_EPS, _K_BYTES, _K_CONCAT, _K_ALT, _K_AND, _K_NOT, _K_REPEAT = range(8)
 
 # Derivatives recurse along the structure of a term (nesting, runs of optional items);
-# large schemas nest deeper than CPython's default limit of 1000 frames.
-sys.setrecursionlimit(max(sys.getrecursionlimit(), 50_000))
+# large schemas nest deeper than CPython's default limit of 1000 frames. Threads that
+# compile or walk big terms are started with `STACK_BYTES` of stack (see `big_stack`).
+RECURSION_LIMIT = 10_000
+STACK_BYTES = 256 << 20
+sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_LIMIT))
+
+
+@contextmanager
+def big_stack() -> Iterator[None]:
+    """Threads created inside get a stack deep enough for `RECURSION_LIMIT` frames."""
+    old = threading.stack_size(STACK_BYTES)
+    try:
+        yield
+    finally:
+        threading.stack_size(old)
 
 
 class TermStore:
@@ -272,6 +288,20 @@ class TermStore:
         cached = self._empty.get(t)
         if cached is not None:
             return cached
+        kind, args = self._kind[t], self._args[t]
+        if kind == _K_CONCAT:  # decide by parts: a search would run through the whole tail
+            empty = self.is_empty(args[0], budget) or self.is_empty(args[1], budget)
+        elif kind == _K_ALT:
+            empty = all(self.is_empty(u, budget) for u in args)
+        elif kind == _K_REPEAT:
+            empty = args[1] > 0 and self.is_empty(args[0], budget)
+        else:
+            empty = self._search_empty(t, budget)
+        self._empty[t] = empty
+        return empty
+
+    def _search_empty(self, t: int, budget: int) -> bool:
+        """Search the derivatives of an intersection or complement for an accepting term."""
         seen = {t}
         frontier = [t]
         empty = True
@@ -289,7 +319,6 @@ class TermStore:
                     frontier.append(v)
             if len(seen) > budget:
                 empty = False
-        self._empty[t] = empty
         if empty:  # every term reached is empty too
             for u in seen:
                 self._empty[u] = True

@@ -35,6 +35,8 @@ def test_defaults_match_sglang() -> None:
         "no_stop_trim": False,
         "seed": None,
         "n": 1,
+        "regex": None,
+        "json_schema": None,
     }
     assert not p.is_greedy and not p.uses_penalties
 
