@@ -778,8 +778,11 @@ class _Translator:
             return "[" + ",".join(items) + "]"
         if not isinstance(value, dict) or not isinstance(schema, dict):
             return _dumps(value)
-        members = self._matching_members(value, schema, path)
-        obj, _, _ = self.merge_objects(members)
+        try:
+            members = self._matching_members(value, schema, path)
+            obj, _, _ = self.merge_objects(members)
+        except ConstraintError:  # a schema we cannot compile: keep the instance's key order
+            return _dumps(value)
         order = [k for k in obj.declared if k in value] + [
             k for k in value if k not in obj.declared
         ]

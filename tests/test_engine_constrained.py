@@ -15,7 +15,7 @@ from backend.engine import Engine
 from fsm import Vocabulary, compile_json_schema
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import jsb_data  # noqa: E402
+import jsb_data
 
 PERSON = {
     "type": "object",

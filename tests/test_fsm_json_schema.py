@@ -669,12 +669,9 @@ def test_integer_and_number_bounds(vocab) -> None:
         assert not accepts(guide, text), text
 
 
-# --------------------------------------------------------------------------- known bugs
+# ---------------------------------------------- bugs found in review, and known limits
 
 
-@pytest.mark.xfail(
-    strict=True, reason="fsm bug: oneOf exclusivity trusts types implied by keywords"
-)
 def test_one_of_with_implied_types_is_sound(vocab) -> None:
     # A string matches both branches ('properties' ignores non-objects), so oneOf rejects it.
     schema = {"oneOf": [{"properties": {"a": {"type": "integer"}}}, {"type": "string"}]}
@@ -686,9 +683,6 @@ def test_one_of_with_implied_types_is_sound(vocab) -> None:
     assert not accepts(guide, '"x"')
 
 
-@pytest.mark.xfail(
-    strict=True, reason="fsm bug: pattern \\S, \\W, \\D admit Unicode that re rejects"
-)
 @pytest.mark.parametrize(
     ("pattern", "value"), [("^\\S+$", "a\u00a0b"), ("^\\W+$", "é"), ("^\\D+$", "\u0663")]
 )
@@ -712,9 +706,6 @@ def test_number_bounds_survive_float_parsing(vocab, schema: dict, text: str) -> 
         assert validator(schema).is_valid(json.loads(text)), text
 
 
-@pytest.mark.xfail(
-    strict=True, reason="fsm bug: object enum/const order differs from canonical_dumps"
-)
 def test_object_enum_matches_canonical_dumps(vocab) -> None:
     schema = {
         "type": "object",
@@ -725,7 +716,6 @@ def test_object_enum_matches_canonical_dumps(vocab) -> None:
     assert accepts(compile_json_schema(schema, vocab), text), text
 
 
-@pytest.mark.xfail(strict=True, reason="fsm: OpenAPI 'nullable' admits null, JSON Schema does not")
 def test_nullable_keyword_is_sound(vocab) -> None:
     schema = {"type": "integer", "nullable": True}
     assert not validator(schema).is_valid(None)
@@ -762,9 +752,6 @@ def test_negated_enum_does_not_crash() -> None:
     assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr[-2000:]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="fsm perf bug: each new DFA state searches to the text's end"
-)
 def test_walk_work_is_linear_in_the_text(monkeypatch: pytest.MonkeyPatch, vocab) -> None:
     """Derivative rows computed while walking an object of 100 pattern+maxLength strings.
 
