@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: venv demo test lint format bench
+.PHONY: venv demo test lint format bench bench-fsm bench-jump
 
 $(VENV)/.setup-stamp: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -34,3 +34,12 @@ format: venv
 
 bench: venv
 	$(BIN)/python benchmarks/bench_engine.py
+
+# Peers of the constrained decoder, side by side: xgrammar without its triton dependency
+# (not needed on CPU), llguidance; outlines-core is a project dependency.
+bench-fsm: venv
+	$(BIN)/pip install -q --no-deps xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2 llguidance==1.9.1
+	$(BIN)/python benchmarks/bench_fsm.py
+
+bench-jump: venv
+	$(BIN)/python benchmarks/bench_jump_forward.py

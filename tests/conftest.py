@@ -10,7 +10,8 @@ import torch
 from tiny_models import TINY_ARCHS, write_tiny_model
 
 from backend.engine import Engine
-from backend.model_loader import resolve_model_dir
+from backend.model_loader import load_tokenizer, resolve_model_dir
+from fsm import Vocabulary
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +48,15 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for arch in TINY_ARCHS:
         write_tiny_model(root / arch, arch)
     return root
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The embedded model's tokenizer."""
+    return load_tokenizer(resolve_model_dir(None))
+
+
+@pytest.fixture(scope="session")
+def vocab(tok) -> Vocabulary:
+    """The constrained decoder's view of the embedded tokenizer."""
+    return Vocabulary.from_tokenizer(tok)

@@ -29,7 +29,6 @@ import jsonschema
 import numpy as np
 import pytest
 
-from backend.model_loader import load_tokenizer, resolve_model_dir
 from fsm import (
     DEAD,
     ConstraintError,
@@ -61,16 +60,6 @@ jsb_data = _load_jsb_data()
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(resolve_model_dir(None))
-
-
-@pytest.fixture(scope="module")
-def vocab(tok) -> Vocabulary:
-    return Vocabulary.from_tokenizer(tok)
 
 
 @pytest.fixture(scope="module")

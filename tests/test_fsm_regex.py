@@ -19,7 +19,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backend.model_loader import load_tokenizer, resolve_model_dir
 from fsm import DEAD, ConstraintError, TokenGuide, Vocabulary, compile_regex
 from fsm.regex import regex_term
 from fsm.terms import EMPTY, TermStore
@@ -33,16 +32,6 @@ META = set(".^$*+?{}[]\\|()")
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(resolve_model_dir(None))
-
-
-@pytest.fixture(scope="module")
-def vocab(tok) -> Vocabulary:
-    return Vocabulary.from_tokenizer(tok)
 
 
 @pytest.fixture(scope="module")
