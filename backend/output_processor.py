@@ -56,13 +56,18 @@ class OutputProcessor:
         """Create the per-request sampling, detokenizer and stop-string state."""
         p = req.params
         req.sampling = RequestSampling(p, req.input_ids, self.eos_token_ids, self.vocab_size)
-        req.detokenizer = IncrementalDetokenizer(
+        req.detokenizer = self._detokenizer(req, req.input_ids)
+        req.stop_matcher = StopStringMatcher(p.stop) if p.stop else None
+
+    def _detokenizer(self, req: Req, context_ids: list[int]) -> IncrementalDetokenizer:
+        """A detokenizer for the text after `context_ids`."""
+        p = req.params
+        return IncrementalDetokenizer(
             self.tokenizer,
-            req.input_ids,
+            context_ids,
             skip_special_tokens=p.skip_special_tokens,
             spaces_between_special_tokens=p.spaces_between_special_tokens,
         )
-        req.stop_matcher = StopStringMatcher(p.stop) if p.stop else None
 
     def add_input_logprobs(self, req: Req, first_token: int, logits: torch.Tensor) -> None:
         """Logprobs of input tokens ``first_token ..`` from the logits of their predecessors."""
@@ -158,12 +163,7 @@ class OutputProcessor:
         self.stats.generated_tokens += len(req.output_ids) - before
         old_text = req.text + req.detokenizer.flush()
         p = req.params
-        req.detokenizer = IncrementalDetokenizer(
-            self.tokenizer,
-            req.input_ids + req.output_ids,
-            skip_special_tokens=p.skip_special_tokens,
-            spaces_between_special_tokens=p.spaces_between_special_tokens,
-        )
+        req.detokenizer = self._detokenizer(req, req.input_ids + req.output_ids)
 
         def decode(tokens: list[int]) -> str:
             return self.tokenizer.decode(
