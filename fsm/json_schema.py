@@ -732,6 +732,12 @@ class _Translator:
             for j in range(len(subs)):
                 if i == j or _disjoint(infos[i], infos[j]):
                     continue
+                if infos[i].get("values") is not None:  # keep the values that fail branch j
+                    check = self._validator.evolve(schema=subs[j])
+                    extra[i].append(
+                        {"enum": [v for v in infos[i]["values"] if not check.is_valid(v)]}
+                    )
+                    continue
                 restriction = _separator(infos[i], infos[j])
                 if restriction is None:
                     raise self.error(
@@ -913,20 +919,36 @@ def _excluded_values(member: dict) -> list[Any]:
     return []
 
 
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    names = {float: "number", str: "string", list: "array", dict: "object", type(None): "null"}
+    return names[type(value)]
+
+
 def _separator(a: dict, b: dict) -> dict | None:
     """A schema that, added to branch `a`, guarantees that branch `b` fails (or None)."""
-    if a["types"] & b["types"] != {"object"}:
-        return None  # the restrictions below only separate objects
+    values = b.get("values")
+    if values is not None:  # b accepts only these values: a must avoid those it could take
+        relevant = [v for v in values if _json_type(v) in a["types"]]
+        if all(isinstance(v, _SCALARS) for v in relevant):
+            return {"not": {"enum": relevant}} if relevant else {}
+    if "object" not in a["types"]:
+        return None
+    # The conditions below make objects fail b; other shared types are dropped from a.
+    objects = {} if a["types"] & b["types"] == {"object"} else {"type": "object"}
     for key in sorted(set(a.get("consts", {})) & set(b.get("consts", {}))):
         if not any(_json_equal(x, y) for x in a["consts"][key] for y in b["consts"][key]):
-            return {"required": [key]}
+            return {**objects, "required": [key]}
     missing = sorted(b.get("required", set()) - a.get("required", set()))
     if missing:
-        return {"anyOf": [{"properties": {k: False}} for k in missing]}
+        return {**objects, "anyOf": [{"properties": {k: False}} for k in missing]}
     if b.get("closed") is not None and a.get("closed") is not None:
         outside = sorted(a["closed"] - b["closed"])
         if outside:
-            return {"anyOf": [{"required": [k]} for k in outside]}
+            return {**objects, "anyOf": [{"required": [k]} for k in outside]}
     return None
 
 

@@ -772,3 +772,23 @@ def test_walk_work_is_linear_in_the_text(monkeypatch: pytest.MonkeyPatch, vocab)
     start = time.monotonic()
     assert accepts(guide, text)
     assert calls <= 20 * len(text), (calls, len(text), time.monotonic() - start)
+
+
+@pytest.mark.parametrize(
+    ("schema", "texts"),
+    [
+        (
+            {"oneOf": [{"required": ["a", "b"]}, {"required": ["c"]}]},
+            ['{"a":1,"b":2}', '{"c":3}', '{"a":1,"b":2,"c":3}', '"x"', "{}"],
+        ),
+        ({"oneOf": [{"type": "string"}, {"enum": ["x", 1]}]}, ['"y"', "1", '"x"', "2"]),
+    ],
+)
+def test_one_of_separators_are_exact_where_they_accept(vocab, schema: dict, texts: list) -> None:
+    """Overlapping branches are narrowed: everything accepted is valid (exactly one branch),
+    and values that match only one branch survive."""
+    guide = compile_json_schema(schema, vocab)
+    check = validator(schema)
+    results = {t: accepts(guide, t) for t in texts}
+    assert all(check.is_valid(json.loads(t)) for t, ok in results.items() if ok), results
+    assert results[texts[0]] and results[texts[1]], results
