@@ -748,7 +748,10 @@ class _Translator:
                 extra[i].append(restriction)
         return extra
 
-    def _branch_info(self, sub: Any, path: str) -> dict:
+    def _branch_info(self, sub: Any, path: str, depth: int = 2) -> dict:
+        """What a branch admits, for proving branches disjoint: types, finite values,
+        required keys, the keys of a closed object, and the same for its properties
+        (`depth` levels down)."""
         if not isinstance(sub, dict):
             return {"types": set(TYPES) if sub is True else set()}
         members = [m for m, _ in self.flatten(sub, path)]
@@ -758,19 +761,18 @@ class _Translator:
         types = set(self.allowed_types([(m, path) for m in members], implied=False))
         if "number" in types:
             types.add("integer")
-        consts: dict[str, list] = {}
+        props: dict[str, dict] = {}
         required: set[str] = set()
         closed: set[str] | None = None
         for m in members:
             required |= {k for k in m.get("required", []) if isinstance(k, str)}
             for k, prop in m.get("properties", {}).items():
-                vals = self.finite_values([(prop, path)]) if isinstance(prop, dict) else None
-                if vals is not None:
-                    consts[k] = vals
+                if depth > 0 and k not in props:
+                    props[k] = self._branch_info(prop, f"{path}/properties/{k}", depth - 1)
             if m.get("additionalProperties") is False and not m.get("patternProperties"):
                 keys = set(m.get("properties", {}))
                 closed = keys if closed is None else closed & keys
-        return {"types": types, "values": values, "consts": consts, "required": required,
+        return {"types": types, "values": values, "props": props, "required": required,
                 "closed": closed}  # fmt: skip
 
     # ------------------------------------------------------------------ canonical form
@@ -839,8 +841,8 @@ def _disjoint(a: dict, b: dict) -> bool:
     if a["types"] | b["types"] != {"object"} and (a["types"] & b["types"]) != {"object"}:
         return False
     for key in a.get("required", set()) & b.get("required", set()):
-        va, vb = a["consts"].get(key), b["consts"].get(key)
-        if va is not None and vb is not None and not any(_json_equal(x, y) for x in va for y in vb):
+        pa, pb = a.get("props", {}).get(key), b.get("props", {}).get(key)
+        if pa is not None and pb is not None and _disjoint(pa, pb):
             return True
     if b.get("closed") is not None and a.get("required", set()) - b["closed"]:
         return True
@@ -939,8 +941,8 @@ def _separator(a: dict, b: dict) -> dict | None:
         return None
     # The conditions below make objects fail b; other shared types are dropped from a.
     objects = {} if a["types"] & b["types"] == {"object"} else {"type": "object"}
-    for key in sorted(set(a.get("consts", {})) & set(b.get("consts", {}))):
-        if not any(_json_equal(x, y) for x in a["consts"][key] for y in b["consts"][key]):
+    for key in sorted(set(a.get("props", {})) & set(b.get("props", {}))):
+        if _disjoint(a["props"][key], b["props"][key]):  # present, the key's value fails b
             return {**objects, "required": [key]}
     missing = sorted(b.get("required", set()) - a.get("required", set()))
     if missing:
