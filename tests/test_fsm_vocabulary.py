@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from backend.model_loader import load_tokenizer, resolve_model_dir
 from fsm import TokenGuide, Vocabulary, _native, compile_json_schema, compile_regex
 from fsm.token_trie import DEAD, GROW, LOOP_CACHE_SIZE, LoopInfo, TokenTrie, walk_bytes
 
@@ -31,40 +30,30 @@ TEXTS = [
 # --- The real embedded tokenizer (byte-level BPE) -------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def smol_tok():
-    return load_tokenizer(resolve_model_dir(None))
-
-
-@pytest.fixture(scope="module")
-def smol_vocab(smol_tok) -> Vocabulary:
-    return Vocabulary.from_tokenizer(smol_tok)
-
-
 @pytest.mark.parametrize("text", TEXTS)
-def test_byte_level_round_trip(smol_tok, smol_vocab: Vocabulary, text: str) -> None:
-    ids = smol_tok.encode(text, add_special_tokens=False)
-    assert smol_vocab.encode_bytes(ids) == text.encode()
+def test_byte_level_round_trip(tok, vocab: Vocabulary, text: str) -> None:
+    ids = tok.encode(text, add_special_tokens=False)
+    assert vocab.encode_bytes(ids) == text.encode()
 
 
-def test_byte_level_specials_and_eos(smol_tok, smol_vocab: Vocabulary) -> None:
-    assert smol_vocab.size == len(smol_tok) == len(smol_vocab.token_bytes)
-    special = set(smol_tok.all_special_ids) | {
-        i for i, t in smol_tok.added_tokens_decoder.items() if t.special
+def test_byte_level_specials_and_eos(tok, vocab: Vocabulary) -> None:
+    assert vocab.size == len(tok) == len(vocab.token_bytes)
+    special = set(tok.all_special_ids) | {
+        i for i, t in tok.added_tokens_decoder.items() if t.special
     }
     assert special
-    assert all(smol_vocab.token_bytes[i] is None for i in special)
-    assert sum(b is None for b in smol_vocab.token_bytes) == len(special)
-    assert smol_vocab.eos_token_ids == {smol_tok.eos_token_id}
-    assert Vocabulary.from_tokenizer(smol_tok, eos_token_ids=[0, 2]).eos_token_ids == {0, 2}
+    assert all(vocab.token_bytes[i] is None for i in special)
+    assert sum(b is None for b in vocab.token_bytes) == len(special)
+    assert vocab.eos_token_ids == {tok.eos_token_id}
+    assert Vocabulary.from_tokenizer(tok, eos_token_ids=[0, 2]).eos_token_ids == {0, 2}
     with pytest.raises(ValueError):
-        smol_vocab.encode_bytes([smol_tok.eos_token_id])
+        vocab.encode_bytes([tok.eos_token_id])
 
 
-def test_byte_level_tokens_match_decode(smol_tok) -> None:
+def test_byte_level_tokens_match_decode(tok) -> None:
     """Every token whose bytes are valid UTF-8 decodes alone to exactly those bytes, added
     non-special tokens included (they go through the ByteLevel decoder too)."""
-    tok = copy.deepcopy(smol_tok)
+    tok = copy.deepcopy(tok)
     tok.add_tokens(["ĠĠzz", "é x", "<think>", AddedToken("<tool>", special=True)])
     vocab = Vocabulary.from_tokenizer(tok)
     assert vocab.token_bytes[-4:-1] == [b"  zz", "é x".encode(), b"<think>"]
@@ -441,15 +430,15 @@ def test_native_walk_errors() -> None:
         _native.fill_mask(*native_args, *tail, info.mask, None)
 
 
-def test_native_walk_on_real_vocabulary(smol_vocab: Vocabulary) -> None:
-    trie, token_bytes = smol_vocab.trie, smol_vocab.token_bytes
+def test_native_walk_on_real_vocabulary(vocab: Vocabulary) -> None:
+    trie, token_bytes = vocab.trie, vocab.token_bytes
     digits = np.full((1, 256), -1, dtype=np.int32)
     digits[0, ord("0") : ord("9") + 1] = 0
     expected = {t for t, b in enumerate(token_bytes) if b and b.isdigit()}
     for loop in (None, trie.loop_info(digits[0] == 0, min_nodes=0)):
         dfa = LazyDfa(digits, cap=1, refuse_once=True)
         mask, _ = dfa.fill_mask(trie, 0, loop)
-        assert expected and mask_ids(mask, smol_vocab.size) == expected
+        assert expected and mask_ids(mask, vocab.size) == expected
     assert dfa.walk(0, b"2024") == 0 and dfa.walk(0, b"20x") == DEAD
 
     anything = np.zeros((1, 256), dtype=np.int32)
@@ -457,14 +446,14 @@ def test_native_walk_on_real_vocabulary(smol_vocab: Vocabulary) -> None:
     assert everything is not None and everything.covered.all()  # the walk skips every node
     for loop in (None, everything):
         mask, _ = LazyDfa(anything, cap=1, refuse_once=False).fill_mask(trie, 0, loop)
-        assert mask_ids(mask, smol_vocab.size) == {t for t, b in enumerate(token_bytes) if b}
+        assert mask_ids(mask, vocab.size) == {t for t, b in enumerate(token_bytes) if b}
 
     # [a-z]+ then one space: a few states, filled lazily.
     words = np.full((3, 256), -1, dtype=np.int32)
     words[0:2, ord("a") : ord("z") + 1] = 1
     words[1, ord(" ")] = 2
     mask, _ = LazyDfa(words, cap=1, refuse_once=False).fill_mask(trie, 0)
-    assert mask_ids(mask, smol_vocab.size) == reference_mask(words, 0, token_bytes)
+    assert mask_ids(mask, vocab.size) == reference_mask(words, 0, token_bytes)
 
 
 def brute_force_mask(guide: TokenGuide, state: int) -> np.ndarray:
@@ -491,19 +480,19 @@ def brute_force_mask(guide: TokenGuide, state: int) -> np.ndarray:
     ],
 )
 def test_guide_masks_match_brute_force(
-    smol_vocab: Vocabulary, constraint: dict | str, prefixes: dict[bytes, bool]
+    vocab: Vocabulary, constraint: dict | str, prefixes: dict[bytes, bool]
 ) -> None:
     """Masks of a real guide (lazy DFA) equal one walk per token, with the self-loop skip
     where ``prefixes`` says its state loops on enough of the trie (see `LOOP_MIN_NODES`)."""
     if isinstance(constraint, str):
-        guide = compile_regex(constraint, smol_vocab)
+        guide = compile_regex(constraint, vocab)
     else:
-        guide = compile_json_schema(constraint, smol_vocab)
+        guide = compile_json_schema(constraint, vocab)
     for prefix, skips in prefixes.items():
         state = guide.walk(guide.initial_state, prefix)
         assert state != DEAD, prefix
         mask = guide.allowed_mask(state)
         assert not mask.flags.writeable
         np.testing.assert_array_equal(mask, brute_force_mask(guide, state), err_msg=str(prefix))
-        loop = smol_vocab.trie.loop_info(guide.dfa.row(state) == state)
+        loop = vocab.trie.loop_info(guide.dfa.row(state) == state)
         assert (loop is not None) == skips, prefix
