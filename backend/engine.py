@@ -53,9 +53,29 @@ class RequestHandle:
         self._top: list[Any] = []
         self.finished = False
         self._final: ReqUpdate | None = None
+        self._listener: Callable[[], None] | None = None
 
     def _push(self, update: ReqUpdate) -> None:  # called on the engine thread
         self._updates.put(update)
+        listener = self._listener
+        if listener is not None:
+            listener()
+
+    def set_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` after every update (on the engine thread: it must not block);
+        called once right away so that updates that arrived earlier are not missed."""
+        self._listener = listener
+        listener()
+
+    def poll(self) -> str:
+        """Apply every update that has arrived, without blocking; returns the new text."""
+        pieces = []
+        while not self.finished:
+            try:
+                pieces.append(self._apply(self._updates.get_nowait()))
+            except queue.Empty:
+                break
+        return "".join(pieces)
 
     def _apply(self, update: ReqUpdate) -> str:
         self.text += update.text_delta

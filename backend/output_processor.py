@@ -57,7 +57,8 @@ class OutputProcessor:
         p = req.params
         req.sampling = RequestSampling(p, req.input_ids, self.eos_token_ids, self.vocab_size)
         req.detokenizer = self._detokenizer(req, req.input_ids)
-        req.stop_matcher = StopStringMatcher(p.stop) if p.stop else None
+        stops = p.stop or p.stop_regex
+        req.stop_matcher = StopStringMatcher(p.stop, p.stop_regex) if stops else None
 
     def _detokenizer(self, req: Req, context_ids: list[int]) -> IncrementalDetokenizer:
         """A detokenizer for the text after `context_ids`."""
@@ -126,12 +127,19 @@ class OutputProcessor:
         new_text = req.detokenizer.push([tok])
         req.text += new_text
         if may_stop and req.stop_matcher is not None and new_text:
-            found = req.stop_matcher.find(req.text, len(new_text))
-            if found is not None:
-                start, stop = found
-                req.text = req.text[: start + (len(stop) if p.no_stop_trim else 0)]
-                return {"type": "stop", "matched": stop}
+            reason = self._stop_match(req, len(new_text))
+            if reason is not None:
+                return reason
         return self._constraint_or_length_end(req)
+
+    def _stop_match(self, req: Req, num_new_chars: int) -> dict[str, Any] | None:
+        """Trim ``req.text`` at a stop string / stop regex match; return the finish reason."""
+        assert req.stop_matcher is not None
+        found = req.stop_matcher.match(req.text, num_new_chars)
+        if found is None:
+            return None
+        req.text = req.text[: found.end if req.params.no_stop_trim else found.start]
+        return {"type": "stop", "matched": found.matched}
 
     def _constraint_or_length_end(self, req: Req) -> dict[str, Any] | None:
         """Finish when the constraint cannot continue, or at the length limits."""
@@ -175,11 +183,9 @@ class OutputProcessor:
         new_len = len(decode(req.output_ids[keep:])) - len(decode(old_tail))
         req.text = old_text + decode(req.output_ids[keep:])[-new_len:] if new_len else old_text
         if req.stop_matcher is not None and new_len and len(req.output_ids) >= p.min_new_tokens:
-            found = req.stop_matcher.find(req.text, new_len)
-            if found is not None:
-                start, stop = found
-                req.text = req.text[: start + (len(stop) if p.no_stop_trim else 0)]
-                return {"type": "stop", "matched": stop}
+            reason = self._stop_match(req, new_len)
+            if reason is not None:
+                return reason
         return self._constraint_or_length_end(req)
 
     def finish(self, req: Req, reason: dict[str, Any]) -> None:

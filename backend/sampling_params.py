@@ -5,7 +5,8 @@ Contract:
 - Construction normalizes and validates (``__post_init__`` calls :meth:`SamplingParams.validate`),
   so every instance that exists is valid. ``validate()`` may be called again after mutating a
   field; it re-normalizes in place and raises ``ValueError`` naming the parameter and the value.
-- Normalizations: ``stop`` ``str | Sequence[str] | None`` -> ``list[str]``; ``stop_token_ids``
+- Normalizations: ``stop`` and ``stop_regex`` ``str | Sequence[str] | None`` -> ``list[str]``
+  (each ``stop_regex`` entry must compile with :mod:`re`); ``stop_token_ids``
   ``Iterable[int] | None`` -> ``list[int]``; ``top_k == 0`` -> ``-1`` (disabled); integral
   floats are not accepted where an ``int`` is required, and ``bool`` is never an ``int`` here.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -48,6 +50,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
     stop: list[str] = field(default_factory=list)
+    stop_regex: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
@@ -186,6 +189,14 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
         self.stop = self._normalize_stop(self.stop)
+        self.stop_regex = self._normalize_stop(self.stop_regex, "stop_regex")
+        for pattern in self.stop_regex:
+            try:
+                re.compile(pattern)
+            except (re.error, OverflowError, RecursionError) as exc:
+                raise ValueError(
+                    f"stop_regex: invalid regular expression {pattern!r}: {exc}"
+                ) from None
         self.stop_token_ids = self._normalize_stop_token_ids(self.stop_token_ids)
 
         for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens"):
@@ -211,19 +222,20 @@ class SamplingParams:
             raise ValueError("give at most one of regex and json_schema")
 
     @staticmethod
-    def _normalize_stop(stop: object) -> list[str]:
+    def _normalize_stop(stop: object, name: str = "stop") -> list[str]:
+        """``None`` / a string / an iterable of non-empty strings -> ``list[str]``."""
         if stop is None:
             return []
         if isinstance(stop, str):
             stop = [stop]
         if not isinstance(stop, Iterable) or isinstance(stop, (bytes, Mapping)):
-            raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
+            raise ValueError(f"{name} must be a string or a list of strings, got {stop!r}")
         out = list(stop)
         for s in out:
             if not isinstance(s, str):
-                raise ValueError(f"stop must contain only strings, got {s!r} in {out!r}")
+                raise ValueError(f"{name} must contain only strings, got {s!r} in {out!r}")
             if not s:
-                raise ValueError(f"stop must not contain empty strings, got {out!r}")
+                raise ValueError(f"{name} must not contain empty strings, got {out!r}")
         return out
 
     @staticmethod

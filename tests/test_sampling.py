@@ -28,6 +28,7 @@ def test_defaults_match_sglang() -> None:
         "presence_penalty": 0.0,
         "repetition_penalty": 1.0,
         "stop": [],
+        "stop_regex": [],
         "stop_token_ids": [],
         "ignore_eos": False,
         "skip_special_tokens": True,
