@@ -27,12 +27,15 @@ from sgl_dsl.api import (
     video,
 )
 from sgl_dsl.backends.base import BaseBackend
+from sgl_dsl.backends.openai import OpenAI
+from sgl_dsl.backends.runtime_endpoint import RuntimeEndpoint
 from sgl_dsl.choices import (
     greedy_token_selection,
     token_length_normalized,
     unconditional_likelihood_normalized,
 )
 from sgl_dsl.global_config import global_config
+from sgl_dsl.runtime import Runtime
 from sgl_dsl.state import ProgramState
 
 __version__ = "0.1.0"
@@ -40,7 +43,10 @@ __version__ = "0.1.0"
 __all__ = [
     "BaseBackend",
     "Engine",
+    "OpenAI",
     "ProgramState",
+    "Runtime",
+    "RuntimeEndpoint",
     "__version__",
     "assistant",
     "assistant_begin",

@@ -7,6 +7,7 @@ A template is a prefix and a suffix per role, derived from a Hugging Face tokeni
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -331,3 +332,39 @@ def get_chat_template_by_model_path(model_path: str) -> ChatTemplate:
         if all(any(alt in path for alt in group) for group in groups):
             return CHAT_TEMPLATES[name]
     return CHAT_TEMPLATES["default"]
+
+
+class JinjaChatRenderer:
+    """Renders a chat template given as Jinja source, the way transformers does (a sandboxed
+    environment with ``trim_blocks``/``lstrip_blocks``, ``raise_exception`` and ``tojson``), so a
+    template fetched from a server can go through :func:`chat_template_from_tokenizer`."""
+
+    def __init__(self, source: str, name: str, bos_token: str = "", eos_token: str = "") -> None:
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise ValueError(message)
+
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+        )
+        env.filters["tojson"] = lambda value, indent=None: json.dumps(value, indent=indent)
+        env.globals["raise_exception"] = raise_exception
+        self.chat_template = source
+        self.name_or_path = name
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self._template = env.from_string(source)
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        tokenize: bool = False,
+        add_generation_prompt: bool = False,
+    ) -> str:
+        return self._template.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+        )

@@ -250,10 +250,25 @@ class StreamExecutor:
         for item in expr.expr_list:
             await self._execute(item)
 
+    def _speculating_chat(self) -> bool:
+        """Inside an assistant turn whose text the backend produces at the turn's end."""
+        return (
+            self.num_api_spec_tokens is not None
+            and self.cur_role == "assistant"
+            and self.backend.is_chat_model
+        )
+
     async def _exec_text(self, expr: SglConstantText) -> None:
-        self._fill(str(expr.value))
+        if self._speculating_chat():
+            self.backend.spec_fill(self, str(expr.value))  # type: ignore[attr-defined]
+        else:
+            self._fill(str(expr.value))
 
     def _fill(self, value: str) -> None:
+        if self.speculated_text.startswith(value):
+            self.speculated_text = self.speculated_text[len(value) :]
+        else:
+            self.speculated_text = ""
         self.text_ += value
         self.changed.notify()
 
@@ -267,6 +282,9 @@ class StreamExecutor:
 
     async def _exec_gen(self, expr: SglGen) -> None:
         params = self.resolve_sampling_params(expr.sampling_params)
+        if self.num_api_spec_tokens is not None:
+            await self._spec_gen(expr, params)
+            return
         if not self.stream:
             comp, meta = await self.backend.generate(self, params)
             self._fill(comp[0] if isinstance(comp, list) else comp)
@@ -281,6 +299,37 @@ class StreamExecutor:
                 self.variables[expr.name] += piece
                 self.meta_info[expr.name] = meta
             self.changed.notify()
+
+    async def _spec_gen(self, expr: SglGen, params: SglSamplingParams) -> None:
+        """API speculative execution (SGLang semantics). Chat models: defer the gen to the
+        end of the assistant turn. Completion models: generate ``num_api_spec_tokens`` once
+        without stops and let the following gens and fills consume that text."""
+        if self.stream:
+            raise ValueError("streaming does not support API speculative execution")
+        if self.backend.is_chat_model:
+            if not self._speculating_chat():
+                raise ValueError("with num_api_spec_tokens, gen must be inside an assistant turn")
+            self.backend.spec_gen(self, params, expr.name)  # type: ignore[attr-defined]
+            with self._lock:  # the value arrives when the turn ends
+                if expr.name is not None:
+                    self._pending[expr.name] = self._pending.get(expr.name, 0) + 1
+            return
+        assert self.num_api_spec_tokens is not None
+        if not self.speculated_text:
+            wide = params.clone()
+            wide.max_new_tokens = max(wide.max_new_tokens or 0, self.num_api_spec_tokens)
+            wide.stop = []
+            text, _ = await self.backend.generate(self, wide)
+            self.speculated_text = text if isinstance(text, str) else text[0]
+        spec = self.speculated_text
+        stops = [p for p in params.stop if p in spec]  # type: ignore[union-attr]
+        cut = min(
+            (spec.index(p) for p in stops), default=min(params.max_new_tokens or 0, len(spec))
+        )
+        comp, self.speculated_text = spec[:cut], spec[cut:]
+        self.text_ += comp
+        self._set(expr.name, comp, {})
+        self.changed.notify()
 
     async def _exec_select(self, expr: SglSelect) -> None:
         if not expr.choices:
@@ -307,8 +356,13 @@ class StreamExecutor:
     async def _exec_role_end(self, expr: SglRoleEnd) -> None:
         if self.cur_role != expr.role:
             raise ValueError(f"role {expr.role!r} ended while {self.cur_role!r} is open")
-        if expr.role == "assistant" and self.num_api_spec_tokens is not None:
-            await self.backend.role_end_generate(self)
+        if self._speculating_chat():
+            for text, name in await self.backend.role_end_generate(self):
+                self.text_ += text
+                if name is not None:
+                    self._set(name, text, {})
+                    with self._lock:
+                        self._pending[name] -= 1
         assert self.cur_role_begin_pos is not None
         content = self.text_[self.cur_role_begin_pos :].lstrip()
         _, suffix = self.chat_template.get_prefix_and_suffix(expr.role, self.messages_)

@@ -67,8 +67,10 @@ class BaseBackend:
     async def cache_prefix(self, prefix: str) -> None:
         """Prefill ``prefix`` into the backend's prefix cache (no-op where there is none)."""
 
-    async def role_end_generate(self, s: StreamExecutor) -> None:
-        """Run generations deferred until the end of an assistant turn (API speculation)."""
+    async def role_end_generate(self, s: StreamExecutor) -> list[tuple[str, str | None]]:
+        """Run the generations deferred to the end of an assistant turn (API speculative
+        execution); returns the turn's pieces of text, each with the variable it fills."""
+        return []
 
     def end_program(self, s: StreamExecutor) -> None:
         """Called once a program has submitted its last expression."""
