@@ -19,7 +19,7 @@ $(VENV)/.setup-stamp: pyproject.toml
 venv: $(VENV)/.setup-stamp
 
 demo: venv
-	$(BIN)/python examples/engine_demo.py
+	$(BIN)/python examples/quickstart.py
 
 lint: venv
 	$(BIN)/ruff check .

@@ -7,11 +7,13 @@ KV pool and the radix cache; results come back through per-request queues.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -33,6 +35,16 @@ from fsm.terms import big_stack
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+_LIVE_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_live_engines() -> None:
+    """Stop engines still running at interpreter exit (their threads must not outlive it)."""
+    for engine in list(_LIVE_ENGINES):
+        engine.shutdown()
+
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -196,6 +208,7 @@ class Engine:
         self._inbox: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="sgl-dsl-engine", daemon=True)
         self._closed = False
+        _LIVE_ENGINES.add(self)
         with big_stack():  # constrained decoding walks deep terms on this thread
             self._thread.start()
         logger.info(
