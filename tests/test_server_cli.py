@@ -57,3 +57,30 @@ def test_cli_serve_then_sigterm() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_engine_options_come_from_engine_config() -> None:
+    from sgl_dsl.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["serve", "--disable-radix-cache", "--max-total-tokens", "4096", "--dtype", "float32"]
+    )
+    options = {n: getattr(args, n) for n in args.engine_fields if hasattr(args, n)}
+    assert options == {"disable_radix_cache": True, "max_total_tokens": 4096, "dtype": "float32"}
+    assert (args.host, args.port, args.api_key) == ("127.0.0.1", 30000, None)
+    assert "model" not in args.engine_fields and "num_threads" in args.engine_fields
+
+
+def test_runtime_starts_serves_a_program_and_shuts_down() -> None:
+    import sgl_dsl as sgl
+
+    @sgl.function
+    def hello(s):
+        s += "Say hello:" + sgl.gen("x", max_tokens=3, temperature=0)
+
+    with sgl.Runtime(num_threads=1, max_total_tokens=4096) as runtime:
+        state = hello.run(backend=runtime)
+        assert state.error() is None and state["x"]
+        assert runtime.get_server_info()["max_total_tokens"] == 4096
+        process = runtime.process
+    assert process.returncode == 0

@@ -182,6 +182,43 @@ def test_runtime_endpoint_select_flow(url: str) -> None:
     assert len(post(url, uncond).json()) == 2
 
 
+def test_runtime_endpoint_generate_bodies(url: str) -> None:
+    """``RuntimeEndpoint.generate`` / ``generate_stream``: every SglSamplingParams field sent
+    with its default, read back the way that client reads it."""
+    params = {
+        "skip_special_tokens": True,
+        "spaces_between_special_tokens": True,
+        "max_new_tokens": 6,
+        "min_new_tokens": 0,
+        "n": 1,
+        "stop": [],
+        "stop_token_ids": [],
+        "stop_regex": [],
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "top_k": -1,
+        "min_p": 0.0,
+        "frequency_penalty": 0.0,
+        "presence_penalty": 0.0,
+        "ignore_eos": False,
+        "regex": None,
+        "json_schema": None,
+    }
+    body = {"text": "Paris is", "sampling_params": params}
+    obj = post(url, body).json()
+    with post(url, {**body, "stream": True}, stream=True) as r:
+        pos, text = 0, ""
+        for chunk in r.iter_lines(decode_unicode=False):
+            chunk = chunk.decode("utf-8")
+            if chunk and chunk.startswith("data:"):
+                if chunk == "data: [DONE]":
+                    break
+                data = json.loads(chunk[5:].strip("\n"))
+                text += data["text"][pos:]
+                pos += len(data["text"][pos:])
+    assert text == obj["text"] and obj["meta_info"]["completion_tokens"] > 0
+
+
 # ---------------------------------------------------------------------- other routes
 
 
@@ -277,6 +314,8 @@ BAD = [
     ({"text": "hi", "top_logprobs_num": -1}, 400, "top_logprobs_num"),
     ({"text": "hi", "image_data": "x.png"}, 400, "image_data"),
     ({"text": "hi", "rid": 5}, 400, "rid"),
+    ({"text": "hi", "sampling_params": {"n": 10**30}}, 400, "n must be <="),
+    ({"text": "hi", "top_logprobs_num": 10**6}, 400, "top_logprobs_num"),
     ({"text": LONG}, 400, "context length"),
 ]
 
@@ -371,3 +410,16 @@ def test_concurrent_requests(url: str) -> None:
         t.join(120)
     assert results == [200] * 16
     assert_kv_idle(url)
+
+
+def test_stop_with_a_request_in_flight(engine: Engine) -> None:
+    srv = ServerThread(engine)
+    body = {"text": "Go on forever.", "stream": True}
+    body["sampling_params"] = {"max_new_tokens": 4000, "ignore_eos": True}
+    sock = raw_post(srv.url, "/generate", body)
+    assert b"data:" in read_until(sock, b"\n\n", limit=1 << 16)
+    srv.stop()
+    sock.close()
+    engine.wait_idle(timeout=30)
+    acc = engine.check_kv_invariant()
+    assert acc["protected"] == 0 and acc["owned_by_requests"] == 0

@@ -161,6 +161,12 @@ def test_completion_logprobs(client: openai.OpenAI) -> None:
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(4)]
     for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
         assert logprob <= 0 and 2 <= len(top) <= 3 and top[token] == logprob
+    chunks = list(complete(client, temperature=0, max_tokens=4, logprobs=2, stream=True))
+    pieces = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+    assert [t for p in pieces for t in p.tokens] == lp.tokens
+    assert [o for p in pieces for o in p.text_offset] == lp.text_offset
+    zero = complete(client, temperature=0, max_tokens=2, logprobs=0).choices[0].logprobs
+    assert [list(t) for t in zero.top_logprobs] == [[t] for t in zero.tokens]
     echo = complete(client, prompt="Hi there", max_tokens=1, logprobs=1, echo=True)
     lp = echo.choices[0].logprobs
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
@@ -175,6 +181,9 @@ def test_chat_logprobs(client: openai.OpenAI) -> None:
         assert item.logprob <= 0 and len(item.top_logprobs) == 3
         assert bytes(item.bytes).decode(errors="replace") == item.token or "\ufffd" in item.token
         assert item.top_logprobs[0].logprob == item.logprob  # greedy
+    plain = chat(client, temperature=0, max_tokens=4, logprobs=True).choices[0].logprobs
+    assert [i.token for i in plain.content] == [i.token for i in content]
+    assert all(i.top_logprobs == [] for i in plain.content)
     chunks = list(chat(client, temperature=0, max_tokens=4, logprobs=True, stream=True))
     streamed = [i.token for c in chunks if c.choices and c.choices[0].logprobs for i in
                 c.choices[0].logprobs.content]  # fmt: skip
@@ -267,6 +276,8 @@ BAD = [
     (K, {"model": "m", "messages": []}, "messages"),
     (K, {"model": "m", "messages": [{"role": "wizard", "content": "hi"}]}, "role"),
     (K, {"model": "m", "messages": [{"role": "user"}]}, "content"),
+    (K, {"model": "m", "messages": [{"role": ["user"], "content": "hi"}]}, "role"),
+    (K, {"model": "m", "messages": [{"role": "user", "content": [{"type": "x"}]}]}, "'x'"),
     (K, {"model": "m", "messages": MSG, "top_logprobs": 2}, "top_logprobs"),
     (K, {"model": "m", "messages": MSG, "logprobs": 3}, "logprobs"),
     (K, {"model": "m", "messages": MSG, "response_format": {"type": "xml"}}, "response_format"),

@@ -11,7 +11,8 @@ Contract:
 - Bodies over ``max_request_bytes`` are refused with 413 (before reading them when the
   ``Content-Length`` says so).
 - Run it with :func:`backend.server.runner.start` (``handler_cancellation=True``), so a
-  client that disconnects cancels its handler and aborts its engine requests.
+  client that disconnects cancels its handler and aborts its engine requests; on shutdown
+  every request in flight is aborted.
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
                 "missing API key: send it as 'Authorization: Bearer <key>'",
                 code="invalid_api_key",
             )
-        if not hmac.compare_digest(key.encode(), state.api_key.encode()):
+        given = key.encode("utf-8", "backslashreplace")
+        if not hmac.compare_digest(given, state.api_key.encode("utf-8", "backslashreplace")):
             raise APIError(401, "invalid API key", code="invalid_api_key")
     length = request.content_length
     if length is not None and length > state.max_request_bytes:
@@ -116,6 +118,13 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
             code="body_too_large",
         )
     return await handler(request)
+
+
+async def _abort_in_flight(app: web.Application) -> None:
+    """On shutdown: abort every engine request still in flight, so that their handlers end
+    (streams get their final event) instead of running into the shutdown timeout."""
+    for group in list(app[STATE].active):
+        group.abort_unfinished()
 
 
 def create_app(
@@ -143,6 +152,7 @@ def create_app(
         api_key=api_key,
         max_request_bytes=max_request_bytes,
     )
+    app.on_shutdown.append(_abort_in_flight)
     native.add_routes(app)
     openai_api.add_routes(app)
     metrics.add_routes(app)

@@ -6,7 +6,8 @@ Contract:
   the handle's state is applied with ``poll()`` on the loop.
 - ``async with RequestGroup(...)``: on any exit (error, client disconnect = task cancelled,
   normal end) every unfinished request is aborted with ``engine.abort(rid)`` so its KV slots
-  are freed.
+  are freed. While inside, the group is in ``registry`` (the server's set of groups in
+  flight, which it aborts when it shuts down).
 """
 
 from __future__ import annotations
@@ -22,9 +23,15 @@ from backend.engine import Engine, RequestHandle
 class RequestGroup:
     """The engine requests behind one HTTP request, observed from the event loop."""
 
-    def __init__(self, engine: Engine, handles: list[RequestHandle]) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        handles: list[RequestHandle],
+        registry: set[RequestGroup] | None = None,
+    ) -> None:
         self.engine = engine
         self.handles = handles
+        self._registry = registry
         self._loop = asyncio.get_running_loop()
         self._event = asyncio.Event()
         self._seen = [(0, 0, False)] * len(handles)
@@ -75,7 +82,11 @@ class RequestGroup:
                 self.engine.abort(handle.rid)
 
     async def __aenter__(self) -> RequestGroup:
+        if self._registry is not None:
+            self._registry.add(self)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        if self._registry is not None:
+            self._registry.discard(self)
         self.abort_unfinished()

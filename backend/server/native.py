@@ -63,7 +63,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
         req.call.token_lists = await tokenize(engine, req.texts)
     req.call.check_context(engine)
     handles = req.call.submit(engine)
-    async with RequestGroup(engine, handles) as group:
+    async with RequestGroup(engine, handles, request.app[STATE].active) as group:
         if req.stream:
             return await _stream(request, group)
         responses = await group.wait(check=_raise_on_abort)
@@ -86,8 +86,7 @@ async def _stream(request: web.Request, group: RequestGroup) -> web.StreamRespon
         await stream.send(err.native_body())
     except ConnectionResetError:  # the client went away: abort now, answer nobody
         group.abort_unfinished()
-        assert stream.response is not None
-        return stream.response
+        return stream.abandoned()
     return await stream.finish()
 
 
@@ -105,6 +104,9 @@ async def model_info(request: web.Request) -> web.Response:
             "context_length": engine.context_len,
             "vocab_size": engine.model.vocab_size,
             "eos_token_ids": sorted(engine.eos_token_ids),
+            "bos_token": getattr(engine.tokenizer, "bos_token", None),
+            "bos_token_id": getattr(engine.tokenizer, "bos_token_id", None),
+            "eos_token": getattr(engine.tokenizer, "eos_token", None),
             "has_image_understanding": False,
             "has_audio_understanding": False,
             "preferred_sampling_params": None,
@@ -147,7 +149,7 @@ async def health_generate(request: web.Request) -> web.Response:
     try:
         ids = await tokenize(engine, [HEALTH_PROMPT])
         call = EngineCall(ids, [_one_token()], [False], [None], [0])
-        async with RequestGroup(engine, call.submit(engine)) as group:
+        async with RequestGroup(engine, call.submit(engine), request.app[STATE].active) as group:
             responses = await asyncio.wait_for(group.wait(), HEALTH_TIMEOUT_S)
         reason = responses[0]["meta_info"]["finish_reason"]
         if reason is None or reason.get("type") == "abort":

@@ -73,10 +73,11 @@ class _Reply:
         return usage(lens, responses, self.req.n)
 
     def logprobs(
-        self, meta: dict[str, Any], start: int, i: int, first: bool
+        self, meta: dict[str, Any], start: int, first: bool, text_start: int = 0
     ) -> dict[str, Any] | None:
         """Logprobs of the output tokens from ``start`` on (plus the prompt's, for a
-        completion's first piece under ``echo``); ``i`` is the choice index."""
+        completion's first piece under ``echo``); a completion's ``text_offset`` counts
+        from ``text_start`` (the length of the choice's text sent before)."""
         if self.req.logprobs is None:
             return None
         tokens = meta["output_token_logprobs"][start:]
@@ -86,7 +87,7 @@ class _Reply:
         if first and self.req.echo:
             tokens = meta["input_token_logprobs"] + tokens
             tops = meta["input_top_logprobs"] + tops
-        return completion_logprobs(tokens, tops)
+        return completion_logprobs(tokens, tops, text_start)
 
     def echo_text(self, i: int) -> str:
         return self.req.prompt_texts[i // self.req.n] if self.req.echo else ""
@@ -96,7 +97,7 @@ class _Reply:
         for i, r in enumerate(responses):
             meta = r["meta_info"]
             reason = finish_reason(meta["finish_reason"])
-            logprobs = self.logprobs(meta, 0, i, True)
+            logprobs = self.logprobs(meta, 0, True)
             if self.req.chat:
                 message = {"role": "assistant", "content": r["text"], "refusal": None}
                 choices.append(
@@ -135,7 +136,7 @@ async def _serve(request: web.Request, req: OpenAIRequest) -> web.StreamResponse
     if req.logprobs is not None and req.chat:
         await asyncio.get_running_loop().run_in_executor(None, reply.token_bytes.load)
     handles = req.call.submit(engine)
-    async with RequestGroup(engine, handles) as group:
+    async with RequestGroup(engine, handles, request.app[STATE].active) as group:
         if req.stream:
             return await _stream(request, reply, group)
         responses = await group.wait(check=_raise_on_abort)
@@ -157,10 +158,12 @@ async def _stream(request: web.Request, reply: _Reply, group: RequestGroup) -> w
                     err = error_for_abort(response["meta_info"]["finish_reason"])
                     if err is not None:
                         raise err
+                before = sent_text[i] + len(reply.echo_text(i)) if opened[i] else 0
                 delta, sent_text[i] = h.text[sent_text[i] :], len(h.text)
                 logprobs = None
                 if response is not None and len(h.output_ids) > sent_tokens[i]:
-                    logprobs = reply.logprobs(response["meta_info"], sent_tokens[i], i, False)
+                    meta = response["meta_info"]
+                    logprobs = reply.logprobs(meta, sent_tokens[i], False, before)
                     sent_tokens[i] = len(h.output_ids)
                 reason = (
                     finish_reason(response["meta_info"]["finish_reason"]) if h.finished else None
@@ -192,8 +195,7 @@ async def _stream(request: web.Request, reply: _Reply, group: RequestGroup) -> w
         await stream.send(err.openai_body())
     except ConnectionResetError:
         group.abort_unfinished()
-        assert stream.response is not None
-        return stream.response
+        return stream.abandoned()
     return await stream.finish()
 
 

@@ -26,16 +26,16 @@ from backend.engine import Engine
 from backend.sampling_params import SamplingParams
 from backend.server.errors import bad_request
 from backend.server.protocol import (
+    MAX_N,
     EngineCall,
-    _json_type,
     expect_bool,
     expect_int,
     is_int,
+    json_type,
     reject_unknown,
     token_id_lists,
 )
 
-MAX_N = 128
 MAX_TOP_LOGPROBS = 20
 
 # OpenAI name -> SamplingParams name, for the fields passed through as they are.
@@ -170,7 +170,7 @@ def _response_format(value: Any) -> Any:
             return {"type": "object"}
         if not isinstance(schema, (dict, bool)):
             raise bad_request(
-                f"response_format.json_schema.schema must be an object, got {_json_type(schema)}",
+                f"response_format.json_schema.schema must be an object, got {json_type(schema)}",
                 "response_format.json_schema.schema",
             )
         return schema
@@ -212,7 +212,7 @@ def _common(body: dict[str, Any], known: tuple[str, ...], where: str) -> tuple[b
     _check_refused(body)
     model = body.get("model")
     if not isinstance(model, str):
-        raise bad_request(f"model must be a string, got {_json_type(model)}", "model")
+        raise bad_request(f"model must be a string, got {json_type(model)}", "model")
     stream = expect_bool(body, "stream", False)
     options = body.get("stream_options")
     include_usage = False
@@ -326,7 +326,7 @@ def parse_messages(messages: Any) -> list[dict[str, str]]:
         if not isinstance(message, dict):
             raise bad_request(f"messages[{i}] must be an object", f"messages[{i}]")
         role = message.get("role")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:
             raise bad_request(
                 f"messages[{i}].role must be one of {', '.join(_ROLES)}, got {role!r}",
                 f"messages[{i}].role",
@@ -350,7 +350,7 @@ def parse_chat(body: dict[str, Any], engine: Engine) -> OpenAIRequest:
     want_logprobs = body.get("logprobs")
     if want_logprobs is not None and not isinstance(want_logprobs, bool):
         raise bad_request(
-            f"logprobs must be a boolean for chat completions, got {_json_type(want_logprobs)}",
+            f"logprobs must be a boolean for chat completions, got {json_type(want_logprobs)}",
             "logprobs",
         )
     top = expect_int(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)

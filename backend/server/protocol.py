@@ -18,7 +18,7 @@ import asyncio
 import json
 import numbers
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -48,11 +48,11 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     except (ValueError, RecursionError) as exc:
         raise bad_request(f"malformed JSON in the request body: {exc}") from None
     if not isinstance(body, dict):
-        raise bad_request(f"the request body must be a JSON object, got {_json_type(body)}")
+        raise bad_request(f"the request body must be a JSON object, got {json_type(body)}")
     return body
 
 
-def _json_type(value: object) -> str:
+def json_type(value: object) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -79,7 +79,7 @@ def expect_bool(body: Mapping[str, Any], name: str, default: bool) -> bool:
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise bad_request(f"{name} must be a boolean, got {_json_type(value)}", name)
+        raise bad_request(f"{name} must be a boolean, got {json_type(value)}", name)
     return value
 
 
@@ -94,7 +94,7 @@ def expect_int(
     if value is None:
         return default
     if not is_int(value):
-        raise bad_request(f"{name} must be an integer, got {_json_type(value)}", name)
+        raise bad_request(f"{name} must be an integer, got {json_type(value)}", name)
     if lo is not None and value < lo:
         raise bad_request(f"{name} must be >= {lo}, got {value}", name)
     if hi is not None and value > hi:
@@ -107,7 +107,7 @@ def expect_str(body: Mapping[str, Any], name: str, default: str | None) -> str |
     if value is None:
         return default
     if not isinstance(value, str):
-        raise bad_request(f"{name} must be a string, got {_json_type(value)}", name)
+        raise bad_request(f"{name} must be a string, got {json_type(value)}", name)
     return value
 
 
@@ -124,7 +124,7 @@ def reject_unknown(body: Mapping[str, Any], known: Sequence[str], where: str) ->
 def sampling_params(value: Any, name: str = "sampling_params") -> SamplingParams:
     """A ``SamplingParams`` from a JSON object (or null); 400 naming a bad or unknown key."""
     if value is not None and not isinstance(value, dict):
-        raise bad_request(f"{name} must be an object, got {_json_type(value)}", name)
+        raise bad_request(f"{name} must be an object, got {json_type(value)}", name)
     try:
         return SamplingParams.from_dict(value)
     except (ValueError, TypeError) as exc:
@@ -132,6 +132,10 @@ def sampling_params(value: Any, name: str = "sampling_params") -> SamplingParams
 
 
 # ---------------------------------------------------------------------- engine calls
+
+MAX_N = 128  # samples per prompt
+MAX_REQUESTS = 4096  # engine requests (prompts x n) per HTTP request
+MAX_TOP_LOGPROBS = 100  # top_logprobs_num on the native route
 
 
 @dataclass
@@ -149,7 +153,16 @@ class EngineCall:
 
     def check_context(self, engine: Engine, max_tokens_name: str = "max_new_tokens") -> None:
         """400 when a prompt is empty, over the context length, or leaves no room for
-        ``max_new_tokens`` (named ``max_tokens_name`` in the message)."""
+        ``max_new_tokens`` (named ``max_tokens_name`` in the message); when ``n`` is over
+        :data:`MAX_N` or the call makes more than :data:`MAX_REQUESTS` engine requests."""
+        for params in self.params:
+            if params.n > MAX_N:
+                raise bad_request(f"n must be <= {MAX_N}, got {params.n}", "n")
+        total = sum(p.n for p in self.params)
+        if total > MAX_REQUESTS:
+            raise bad_request(
+                f"this call makes {total} requests (prompts x n); the limit is {MAX_REQUESTS}"
+            )
         ctx = engine.context_len
         for ids, params in zip(self.token_lists, self.params):
             n = len(ids)
@@ -184,6 +197,8 @@ class EngineCall:
             )
         except (ValueError, TypeError) as exc:
             raise bad_request(str(exc)) from None
+        except RuntimeError as exc:  # the engine has been shut down
+            raise APIError(503, str(exc)) from None
 
 
 async def tokenize(
@@ -251,7 +266,6 @@ class GenerateRequest:
     single: bool  # one prompt with n == 1: answer a dict, else a list
     stream: bool
     texts: list[str] | None = None  # set when the prompts came as text (to be tokenized)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _per_prompt(value: Any, count: int, name: str) -> list[Any]:
@@ -301,11 +315,12 @@ def parse_generate(body: dict[str, Any], engine: Engine) -> GenerateRequest:
     flags = _per_prompt(body.get("return_logprob"), count, "return_logprob")
     starts = _per_prompt(body.get("logprob_start_len"), count, "logprob_start_len")
     tops = _per_prompt(body.get("top_logprobs_num"), count, "top_logprobs_num")
-    vocab = engine.model.vocab_size
     for i in range(count):
         flags[i] = expect_bool({"return_logprob": flags[i]}, "return_logprob", False)
         starts[i] = expect_int({"logprob_start_len": starts[i]}, "logprob_start_len", None, -1)
-        tops[i] = expect_int({"top_logprobs_num": tops[i]}, "top_logprobs_num", 0, 0, vocab)
+        tops[i] = expect_int(
+            {"top_logprobs_num": tops[i]}, "top_logprobs_num", 0, 0, MAX_TOP_LOGPROBS
+        )
 
     rid = body.get("rid")
     rids: list[str | None] | None = None
@@ -315,7 +330,7 @@ def parse_generate(body: dict[str, Any], engine: Engine) -> GenerateRequest:
             raise bad_request("rid must be a non-empty string or a list of them", "rid")
 
     stream = expect_bool(body, "stream", False)
-    copies = sum(p.n for p in params)
+    copies = sum(min(p.n, 2) for p in params)  # (the size of n is checked later)
     if stream and (count != 1 or copies != 1):
         raise bad_request("stream=true takes a single prompt with n=1", "stream")
     call = EngineCall(

@@ -53,6 +53,10 @@ class EventStream:
         response = await self._open()
         await response.write(encode_event(payload))
 
+    def abandoned(self) -> web.StreamResponse:
+        """What a handler returns once the client has gone (nothing more is sent)."""
+        return self.response if self.response is not None else web.Response(status=204)
+
     async def finish(self) -> web.StreamResponse:
         """Write ``[DONE]`` and end the body."""
         response = await self._open()

@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -30,6 +31,8 @@ class ServerState:
     started_at: float = field(default_factory=time.time)
     # (method, route, status) -> count, for /metrics
     http_requests: Counter[tuple[str, str, int]] = field(default_factory=Counter)
+    # the RequestGroups in flight (aborted when the server shuts down)
+    active: set[Any] = field(default_factory=set)
 
 
 def default_model_name(engine: Engine) -> str:

@@ -40,6 +40,21 @@ class HTTPError(RuntimeError):
     """A server answered with an error status; the message is the server's."""
 
 
+class BadRequestError(HTTPError, ValueError):
+    """The server refused the request as invalid (a 4xx status)."""
+
+
+def server_error(where: str, status: int, body: str) -> HTTPError:
+    """The exception for an error answer, with the server's own message when it sent one."""
+    try:
+        error = json.loads(body).get("error", body)
+        message = error.get("message", body) if isinstance(error, dict) else str(error)
+    except (ValueError, AttributeError):
+        message = body
+    cls = BadRequestError if 400 <= status < 500 else HTTPError
+    return cls(f"{where}: HTTP {status}: {message}")
+
+
 def http_json(
     url: str, body: Any = None, api_key: str | None = None, method: str | None = None
 ) -> Any:
@@ -53,7 +68,7 @@ def http_json(
         with urllib.request.urlopen(request, timeout=60) as response:
             raw = response.read()
     except urllib.error.HTTPError as e:
-        raise HTTPError(f"{url}: HTTP {e.code}: {e.read().decode(errors='replace')}") from None
+        raise server_error(url, e.code, e.read().decode(errors="replace")) from None
     return json.loads(raw) if raw.strip() else None
 
 
@@ -117,7 +132,7 @@ class RuntimeEndpoint(BaseBackend):
         async with self._client().post(self.base_url + "/generate", json=data) as response:
             body = await response.text()
             if response.status != 200:
-                raise HTTPError(f"/generate: HTTP {response.status}: {body}")
+                raise server_error("/generate", response.status, body)
             return json.loads(body)
 
     # ---- generation ------------------------------------------------------------------------
@@ -144,7 +159,7 @@ class RuntimeEndpoint(BaseBackend):
         sent = 0
         async with self._client().post(self.base_url + "/generate", json=data) as response:
             if response.status != 200:
-                raise HTTPError(f"/generate: HTTP {response.status}: {await response.text()}")
+                raise server_error("/generate", response.status, await response.text())
             async for raw in response.content:
                 line = raw.decode().strip()
                 if not line.startswith("data:"):
