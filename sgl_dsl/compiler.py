@@ -46,6 +46,9 @@ class CompiledFunction:
     def print_graph(self) -> str:
         return self.traced.print_graph()
 
+    def _repr_html_(self) -> str:
+        return self.traced._repr_html_()
+
     def run(self, *args: Any, backend: Any = None, **kwargs: Any) -> ProgramState:
         names = self.function.arg_names
         if len(args) > len(names):

@@ -48,6 +48,7 @@ from sgl_dsl.ir import (
 )
 from sgl_dsl.reasoning import split_reasoning
 from sgl_dsl.runtime_loop import Notifier, call_soon
+from sgl_dsl.spans import Span
 
 if TYPE_CHECKING:
     from sgl_dsl.backends.base import BaseBackend
@@ -87,6 +88,8 @@ class StreamExecutor:
         self.images_: list[Any] = []
         self.error_: BaseException | None = None
         self.speculated_text = ""
+        self.spans: list[Span] = []
+        self.forks: list[tuple[int, list[StreamExecutor]]] = []  # (text position, children)
 
         self._start = start  # resolved when the parent reaches the fork point
         self._lock = threading.Lock()
@@ -287,14 +290,19 @@ class StreamExecutor:
             return
         if not self.stream:
             comp, meta = await self.backend.generate(self, params)
+            start = len(self.text_)
             self._fill(comp[0] if isinstance(comp, list) else comp)
+            self.spans.append(Span("gen", start, len(self.text_), expr.name))
             self._set(expr.name, comp, meta)
             return
         if (params.n or 1) > 1:
             raise ValueError("stream=True does not support n > 1; run without streaming")
         self._set(expr.name, "", None)
+        span = Span("gen", len(self.text_), len(self.text_), expr.name)
+        self.spans.append(span)
         async for piece, meta in self.backend.generate_stream(self, params):
             self.text_ += piece
+            span.end = len(self.text_)
             if expr.name is not None:
                 self.variables[expr.name] += piece
                 self.meta_info[expr.name] = meta
@@ -327,6 +335,7 @@ class StreamExecutor:
             (spec.index(p) for p in stops), default=min(params.max_new_tokens or 0, len(spec))
         )
         comp, self.speculated_text = spec[:cut], spec[cut:]
+        self.spans.append(Span("gen", len(self.text_), len(self.text_) + len(comp), expr.name))
         self.text_ += comp
         self._set(expr.name, comp, {})
         self.changed.notify()
@@ -338,7 +347,11 @@ class StreamExecutor:
             self, list(expr.choices), expr.temperature, expr.choices_method
         )
         self._set(expr.name, decision.decision, decision.meta_info)
+        start = len(self.text_)
         self._fill(decision.decision)
+        scores = (decision.meta_info or {}).get("normalized_prompt_logprobs")
+        detail = {"choices": list(expr.choices), "scores": scores}
+        self.spans.append(Span("select", start, len(self.text_), expr.name, detail))
 
     async def _exec_role_begin(self, expr: SglRoleBegin) -> None:
         if self.cur_role is not None:
@@ -358,6 +371,10 @@ class StreamExecutor:
             raise ValueError(f"role {expr.role!r} ended while {self.cur_role!r} is open")
         if self._speculating_chat():
             for text, name in await self.backend.role_end_generate(self):
+                if name is not None:
+                    self.spans.append(
+                        Span("gen", len(self.text_), len(self.text_) + len(text), name)
+                    )
                 self.text_ += text
                 if name is not None:
                     self._set(name, text, {})
@@ -365,6 +382,7 @@ class StreamExecutor:
                         self._pending[name] -= 1
         assert self.cur_role_begin_pos is not None
         content = self.text_[self.cur_role_begin_pos :].lstrip()
+        self.spans.append(Span("role", self.cur_role_begin_pos, len(self.text_), expr.role))
         _, suffix = self.chat_template.get_prefix_and_suffix(expr.role, self.messages_)
         self._fill(suffix)
         self.messages_.append({"role": expr.role, "content": content})
@@ -392,7 +410,9 @@ class StreamExecutor:
     async def _exec_fork(self, expr: SglFork) -> None:
         if expr.hint and self.text_:
             await self.backend.commit_lazy_operations(self)
+        self.forks.append((len(self.text_), expr.children))
         for child in expr.children:
+            child.spans = list(self.spans)
             child.text_ = self.text_
             child.messages_ = list(self.messages_)
             child.variables = dict(self.variables)

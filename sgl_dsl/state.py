@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from sgl_dsl import display
 from sgl_dsl.interpreter import StreamExecutor
 from sgl_dsl.ir import (
     SglConcateAndAppend,
@@ -169,8 +170,26 @@ class ProgramState:
             elif done:
                 return
 
+    # ---- display ---------------------------------------------------------------------------
+
     def __repr__(self) -> str:
-        return f"ProgramState({self.text()!r})"
+        self.sync()
+        return display.state_text(self.stream_executor)
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: role turns, generated spans labelled, forks side by side."""
+        self.sync()
+        return display.program_state_html(self.stream_executor)
+
+    def live(self, interval: float = 0.1) -> ProgramState:
+        """In a notebook, show this (streaming) state in one display updated until it ends."""
+        display.live(self.stream_executor, interval)
+        return self
+
+    async def live_async(self, interval: float = 0.1) -> ProgramState:
+        """:meth:`live` without blocking the notebook's event loop."""
+        await display.live_async(self.stream_executor, interval)
+        return self
 
     def __del__(self) -> None:
         exe = getattr(self, "stream_executor", None)

@@ -140,10 +140,15 @@ class TracedProgram:
                 elif isinstance(node, SglExpr):
                     out += [
                         ("data", src.index, stream.index)
-                        for src in _sources(node)
+                        for src in _expr_sources(node)
                         if src is not stream
                     ]
         return out
+
+    def _repr_html_(self) -> str:
+        from sgl_dsl.display import graph_svg
+
+        return graph_svg(self)
 
     def print_graph(self) -> str:
         lines = [f"program {self.function.__name__}({', '.join(self.function.arg_names)})"]
@@ -152,7 +157,7 @@ class TracedProgram:
                 "root" if stream.parent is None else f"forked from stream {stream.parent.index}"
             )
             lines.append(f"stream {stream.index} ({origin})")
-            lines += [f"  {_describe(node)}" for node in stream.nodes]
+            lines += [f"  {describe_node(node)}" for node in stream.nodes]
         data = [e for e in self.edges() if e[0] == "data"]
         if data:
             lines.append("data edges: " + ", ".join(f"{a} -> {b}" for _, a, b in data))
@@ -167,7 +172,7 @@ def _flatten(expr: SglExpr) -> list[SglExpr]:
     return [expr]
 
 
-def _sources(expr: SglExpr) -> list[TracedStream]:
+def _expr_sources(expr: SglExpr) -> list[TracedStream]:
     return [
         e.source
         for e in _flatten(expr)
@@ -175,7 +180,12 @@ def _sources(expr: SglExpr) -> list[TracedStream]:
     ]
 
 
-def _describe(node: Any) -> str:
+def node_sources(node: Any) -> list[TracedStream]:
+    """The streams whose variables ``node`` reads (its data edges)."""
+    return _expr_sources(node) if isinstance(node, SglExpr) else []
+
+
+def describe_node(node: Any) -> str:
     if not isinstance(node, SglExpr):
         return repr(node)
     parts = []
