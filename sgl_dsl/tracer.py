@@ -145,6 +145,10 @@ class TracedProgram:
                     ]
         return out
 
+    def __repr__(self) -> str:
+        nodes = sum(len(s.nodes) for s in self.streams)
+        return f"TracedProgram({self.function.__name__}: {len(self.streams)} streams, {nodes} nodes)"
+
     def _repr_html_(self) -> str:
         from sgl_dsl.display import graph_svg
 
