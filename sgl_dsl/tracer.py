@@ -147,7 +147,8 @@ class TracedProgram:
 
     def __repr__(self) -> str:
         nodes = sum(len(s.nodes) for s in self.streams)
-        return f"TracedProgram({self.function.__name__}: {len(self.streams)} streams, {nodes} nodes)"
+        name, streams = self.function.__name__, len(self.streams)
+        return f"TracedProgram({name}: {streams} streams, {nodes} nodes)"
 
     def _repr_html_(self) -> str:
         from sgl_dsl.display import graph_svg
