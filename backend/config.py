@@ -46,7 +46,14 @@ class EngineConfig:
     constraint_cache_size: int = 64
 
     def __post_init__(self) -> None:
-        for name in ("max_total_tokens", "max_running_requests", "chunked_prefill_size"):
+        for name in (
+            "max_total_tokens",
+            "max_running_requests",
+            "chunked_prefill_size",
+            "new_token_ratio_decay_steps",
+            "lpm_max_queue",
+            "dedupe_min_shared_tokens",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -60,6 +67,8 @@ class EngineConfig:
             )
         if self.constraint_compile_timeout <= 0 or self.constraint_cache_size <= 0:
             raise ValueError("constraint_compile_timeout and constraint_cache_size must be > 0")
+        if self.context_length is not None and self.context_length <= 0:
+            raise ValueError(f"context_length must be positive, got {self.context_length!r}")
         if self.num_threads is not None and self.num_threads <= 0:
             raise ValueError(f"num_threads must be positive, got {self.num_threads!r}")
         if not 0.0 <= self.min_new_token_ratio <= self.init_new_token_ratio <= 1.0:

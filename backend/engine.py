@@ -68,6 +68,8 @@ class RequestHandle:
         self._listener: Callable[[], None] | None = None
 
     def _push(self, update: ReqUpdate) -> None:  # called on the engine thread
+        if update.final:
+            self._finished_at = time.monotonic()
         self._updates.put(update)
         listener = self._listener
         if listener is not None:
@@ -96,7 +98,6 @@ class RequestHandle:
         self._top += update.top_logprobs
         if update.final:
             self.finished, self._final = True, update
-            self._finished_at = time.monotonic()
         return update.text_delta
 
     def deltas(self) -> Iterator[str]:
@@ -250,8 +251,6 @@ class Engine:
             stream,
         )
         if stream:
-            if len(handles) != 1:
-                raise ValueError("stream=True takes a single prompt with n=1")
             return self._stream_cumulative(handles[0])
         results = [h.result() for h in handles]
         return results[0] if single else results
@@ -267,8 +266,6 @@ class Engine:
         """Stream one request: each item is the response so far (``incremental=True``: the
         ``text`` field holds only the new piece)."""
         handles, _ = self._submit(prompt, sampling_params, stream=True, **kwargs)
-        if len(handles) != 1:
-            raise ValueError("stream() takes a single prompt with n=1")
         if not incremental:
             return self._stream_cumulative(handles[0])
         return self._stream_incremental(handles[0])
@@ -384,6 +381,8 @@ class Engine:
             return [value] * n
 
         params = [self._params(p) for p in per_item(sampling_params, "sampling_params")]
+        if stream and (n != 1 or params[0].n != 1):
+            raise ValueError("streaming takes a single prompt with n=1")
         logprob_flags = per_item(return_logprob, "return_logprob")
         starts = per_item(logprob_start_len, "logprob_start_len")
         tops = per_item(top_logprobs_num, "top_logprobs_num")
@@ -497,7 +496,8 @@ class Engine:
             try:
                 while True:
                     fn = self._inbox.get(block=block)
-                    if fn is None:
+                    if fn is None:  # shutdown: nobody may wait on a request forever
+                        self._fail_all("the engine was shut down")
                         return
                     fn()
                     block = False

@@ -3,7 +3,6 @@
 ``import sgl_dsl as sgl`` gives the names of ``import sglang as sgl`` (the frontend language).
 """
 
-from backend.engine import Engine
 from sgl_dsl.api import (
     assistant,
     assistant_begin,
@@ -39,6 +38,16 @@ from sgl_dsl.runtime import Runtime
 from sgl_dsl.state import ProgramState
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """``sgl.Engine`` is imported on first use, so remote-only programs never load torch."""
+    if name == "Engine":
+        from backend.engine import Engine
+
+        return Engine
+    raise AttributeError(f"module 'sgl_dsl' has no attribute {name!r}")
+
 
 __all__ = [
     "BaseBackend",

@@ -1,5 +1,6 @@
 """The documentation's snippets run: every ```python block of each page, in order, in one
-namespace, in a fresh interpreter (the pages create their own engine)."""
+namespace, in a fresh interpreter (the pages create their own engine). A page without
+python blocks (other fences, e.g. ```text or ```bash, are not run) is skipped."""
 
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = ["README.md", "docs/language.md", "docs/constrained_decoding.md"]
+PAGES = [
+    "README.md",
+    "docs/language.md",
+    "docs/constrained_decoding.md",
+    "docs/architecture.md",
+    "docs/engine.md",
+]
 
 
 def python_blocks(page: Path) -> list[str]:
@@ -22,7 +29,8 @@ def python_blocks(page: Path) -> list[str]:
 @pytest.mark.parametrize("page", PAGES)
 def test_doc_snippets_run(page: str, tmp_path: Path) -> None:
     blocks = python_blocks(ROOT / page)
-    assert blocks, f"{page} has no python snippets"
+    if not blocks:
+        pytest.skip(f"{page} has no python snippets")
     script = tmp_path / "snippets.py"
     script.write_text("\n\n".join(blocks))
     done = subprocess.run(

@@ -296,3 +296,18 @@ def test_bad_input_fails_only_that_request(idle_engine: Engine, kwargs, message)
     assert (
         idle_engine.generate("Hello", {"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
     )
+
+
+def test_shutdown_finishes_requests_in_flight_and_bad_streams_queue_nothing(idle_engine):
+    with pytest.raises(ValueError, match="single prompt"):
+        idle_engine.generate(["a", "b"], {"max_new_tokens": 4}, stream=True)
+    with pytest.raises(ValueError, match="single prompt"):
+        idle_engine.stream("a", {"max_new_tokens": 4, "n": 2})
+    assert idle_engine.get_stats()["running"] == 0 == idle_engine.get_stats()["waiting"]
+
+    own = Engine(max_total_tokens=2048, num_threads=1)
+    (handle,) = own.submit("Tell me a long story.", {"max_new_tokens": 500, "ignore_eos": True})
+    own.shutdown()
+    out = handle.result(timeout=30)
+    assert out["meta_info"]["finish_reason"]["type"] == "abort"
+    assert "shut down" in out["meta_info"]["finish_reason"]["message"]
