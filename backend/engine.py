@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from backend.attention.torch_backend import TorchAttentionBackend
+from backend.attention.base import create_attention_backend
 from backend.config import EngineConfig
 from backend.constrained import Constraints
 from backend.kv_pool import KVPool, ReqToTokenTable
@@ -183,7 +183,7 @@ class Engine:
         )
         table = ReqToTokenTable(config.max_running_requests, self.context_len, device)
         self.cache = RadixCache(self.pool.free, disable=config.disable_radix_cache)
-        runner = ModelRunner(self.model, table, TorchAttentionBackend(self.pool))
+        runner = ModelRunner(self.model, table, create_attention_backend(self.pool))
         self._outputs = OutputProcessor(
             self.tokenizer, self.eos_token_ids, self.model.vocab_size, self.context_len
         )

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from backend.forward_batch import ForwardBatch
+
+if TYPE_CHECKING:
+    from backend.kv_pool import KVPool
 
 
 class AttentionBackend(Protocol):
@@ -30,3 +33,22 @@ class AttentionBackend(Protocol):
         layer_id: int,
         batch: ForwardBatch,
     ) -> torch.Tensor: ...
+
+
+def create_attention_backend(pool: KVPool, name: str = "auto") -> AttentionBackend:
+    """The attention implementation for ``pool``'s device.
+
+    ``"auto"``: Triton kernels when the pool is on CUDA, torch otherwise; ``"torch"`` or
+    ``"triton"`` force one (Triton off CUDA needs ``TRITON_INTERPRET=1``, for tests).
+    """
+    if name == "auto":
+        name = "triton" if pool.device.type == "cuda" else "torch"
+    if name == "torch":
+        from backend.attention.torch_backend import TorchAttentionBackend
+
+        return TorchAttentionBackend(pool)
+    if name == "triton":
+        from backend.attention.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend(pool)
+    raise ValueError(f"attention backend must be 'auto', 'torch' or 'triton', got {name!r}")

@@ -1,0 +1,161 @@
+"""GPU attention over the token-granular KV pool with our Triton kernels.
+
+Same contract as ``TorchAttentionBackend`` (``backend/attention/base.py``). Per forward
+pass, ``init_forward_metadata`` flattens the requests' slot lists into
+``kv_indptr``/``kv_indices`` (one concatenation on the device) and, for DECODE, picks the
+number of KV splits and allocates the float32 split scratch that every layer reuses. Per
+layer, ``forward`` writes the new K/V with one kernel, then runs the extend kernel or the
+two decode kernels (``backend/attention/triton_kernels.py``).
+
+Not (yet) here: the torch backend's shared-prefix grouping in decode, and CUDA graphs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import accumulate
+
+import torch
+
+from backend.attention import triton_kernels as tk
+from backend.forward_batch import ForwardBatch, ForwardMode
+from backend.kv_pool import KVPool
+
+
+@dataclass
+class TritonAttnMetadata:
+    """Index tensors of one forward pass (all on the pool's device)."""
+
+    kv_indptr: torch.Tensor  # [B + 1] int32: offsets of each request's slots in kv_indices
+    kv_indices: torch.Tensor  # [sum(seq_lens)] int64 slots, prefix then new tokens
+    # EXTEND
+    qo_indptr: torch.Tensor | None = None  # [B + 1] int32 offsets of the new tokens
+    prefix_lens: torch.Tensor | None = None  # [B] int32
+    max_extend_len: int = 0
+    # DECODE
+    num_kv_splits: int = 1
+    mid_o: torch.Tensor | None = None  # [B, H, S, D] float32
+    mid_lse: torch.Tensor | None = None  # [B, H, S] float32
+
+
+class TritonAttentionBackend:
+    """``AttentionBackend`` running Triton kernels (CUDA; CPU under ``TRITON_INTERPRET=1``).
+
+    ``num_kv_splits`` fixes the decode split count (tests, CUDA graphs);
+    by default it is chosen per pass from the batch size and the longest sequence.
+    Block sizes default per device (``triton_kernels.default_extend_blocks`` /
+    ``default_decode_block_n``) and can be overridden.
+    """
+
+    def __init__(
+        self,
+        pool: KVPool,
+        *,
+        num_kv_splits: int | None = None,
+        max_kv_splits: int = 16,
+        extend_block_m: int | None = None,
+        extend_block_n: int | None = None,
+        decode_block_n: int | None = None,
+    ) -> None:
+        self.pool = pool
+        self.device = pool.device
+        self.num_kv_heads = int(pool.k_buffers[0].shape[1])
+        self.head_dim = int(pool.k_buffers[0].shape[2])
+        self.num_kv_splits = num_kv_splits
+        self.max_kv_splits = max_kv_splits
+        self.extend_block_m = extend_block_m
+        self.extend_block_n = extend_block_n
+        self.decode_block_n = decode_block_n
+        self.num_sms = (
+            torch.cuda.get_device_properties(self.device).multi_processor_count
+            if self.device.type == "cuda"
+            else 1
+        )
+
+    def init_forward_metadata(self, batch: ForwardBatch) -> None:
+        """Flatten the slot lists; for DECODE choose the number of splits."""
+        device = self.device
+        seq_lens = batch.seq_lens
+        kv_indptr = _indptr(seq_lens, device)
+        if batch.kv_slots:
+            kv_indices = torch.cat([s.to(device=device, dtype=torch.int64) for s in batch.kv_slots])
+        else:
+            kv_indices = torch.zeros(1, dtype=torch.int64, device=device)
+        if batch.mode == ForwardMode.EXTEND:
+            batch.attn_metadata = TritonAttnMetadata(
+                kv_indptr=kv_indptr,
+                kv_indices=kv_indices,
+                qo_indptr=_indptr(batch.extend_lens, device),
+                prefix_lens=torch.tensor(batch.prefix_lens, dtype=torch.int32, device=device),
+                max_extend_len=max(batch.extend_lens, default=0),
+            )
+            return
+        splits = self.num_kv_splits or tk.choose_num_kv_splits(
+            batch.batch_size,
+            self.num_kv_heads,
+            max(seq_lens, default=1),
+            self.num_sms,
+            max_splits=self.max_kv_splits,
+        )
+        # The split scratch is allocated by the first layer (the pool does not know the
+        # number of query heads) and reused by the others.
+        batch.attn_metadata = TritonAttnMetadata(
+            kv_indptr=kv_indptr, kv_indices=kv_indices, num_kv_splits=splits
+        )
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer_id: int,
+        batch: ForwardBatch,
+    ) -> torch.Tensor:
+        """Store ``k``/``v`` at ``batch.out_cache_loc``; return attention ``[T, H, D]``."""
+        meta: TritonAttnMetadata = batch.attn_metadata
+        k_buf = self.pool.k_buffers[layer_id]
+        v_buf = self.pool.v_buffers[layer_id]
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        tk.store_kv(k_buf, v_buf, batch.out_cache_loc, k, v)
+        out = torch.empty_like(q)
+        if batch.mode == ForwardMode.DECODE:
+            if meta.mid_o is None:
+                meta.mid_o, meta.mid_lse = tk.decode_partial_buffers(
+                    q.shape[0], q.shape[1], q.shape[2], meta.num_kv_splits, q.device
+                )
+            tk.decode_attention(
+                q,
+                k_buf,
+                v_buf,
+                out,
+                meta.kv_indptr,
+                meta.kv_indices,
+                meta.num_kv_splits,
+                mid_o=meta.mid_o,
+                mid_lse=meta.mid_lse,
+                block_n=self.decode_block_n,
+            )
+            return out
+        assert meta.qo_indptr is not None and meta.prefix_lens is not None
+        tk.extend_attention(
+            q,
+            k,
+            v,
+            out,
+            k_buf,
+            v_buf,
+            meta.qo_indptr,
+            meta.kv_indptr,
+            meta.kv_indices,
+            meta.prefix_lens,
+            meta.max_extend_len,
+            block_m=self.extend_block_m,
+            block_n=self.extend_block_n,
+        )
+        return out
+
+
+def _indptr(lengths: list[int], device: torch.device) -> torch.Tensor:
+    """``[0, l0, l0 + l1, ...]`` as int32 on ``device`` (built on the host: lengths are host
+    values, so no device synchronization)."""
+    return torch.tensor([0, *accumulate(lengths)], dtype=torch.int32, device=device)
