@@ -10,12 +10,15 @@ model path.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
+
+import aiohttp
 
 from sgl_dsl.backends.base import BaseBackend
 from sgl_dsl.chat_template import (
@@ -28,8 +31,6 @@ from sgl_dsl.chat_template import (
 from sgl_dsl.choices import ChoicesDecision, ChoicesSamplingMethod, mean_logprob
 
 if TYPE_CHECKING:
-    import aiohttp
-
     from sgl_dsl.interpreter import StreamExecutor
     from sgl_dsl.ir import SglSamplingParams
 
@@ -90,6 +91,20 @@ def _template_for(info: dict[str, Any], name: str | None) -> ChatTemplate:
     return get_chat_template_by_model_path(info.get("model_path", ""))
 
 
+_SESSIONS: set[aiohttp.ClientSession] = set()  # open sessions, closed at interpreter exit
+
+
+@atexit.register
+def _close_sessions() -> None:
+    """SGLang's endpoint needs no explicit shutdown, so ours closes what is left at exit."""
+    from sgl_dsl.runtime_loop import spawn
+
+    for session in list(_SESSIONS):
+        if not session.closed:
+            spawn(session.close()).result(timeout=10)
+    _SESSIONS.clear()
+
+
 class RuntimeEndpoint(BaseBackend):
     support_concate_and_append = False
 
@@ -118,14 +133,13 @@ class RuntimeEndpoint(BaseBackend):
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def _client(self) -> aiohttp.ClientSession:
-        import aiohttp
-
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 headers=self._headers(),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=30),
                 connector=aiohttp.TCPConnector(limit=0),
             )
+            _SESSIONS.add(self._session)
         return self._session
 
     async def _post(self, data: dict[str, Any]) -> Any:
@@ -267,4 +281,5 @@ class RuntimeEndpoint(BaseBackend):
         if self._session is not None and not self._session.closed:
             from sgl_dsl.runtime_loop import spawn
 
-            spawn(self._session.close()).result()
+            spawn(self._session.close()).result(timeout=10)
+            _SESSIONS.discard(self._session)
