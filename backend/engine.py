@@ -239,6 +239,8 @@ class Engine:
         ``stream=True`` returns an iterator of cumulative responses for a single prompt.
         A prompt whose sampling params have ``n > 1`` yields ``n`` samples (a list).
         """
+        if stream:
+            self._check_single_stream(prompt, input_ids, sampling_params)
         handles, single = self._submit(
             prompt,
             sampling_params,
@@ -265,6 +267,7 @@ class Engine:
     ) -> Iterator[dict[str, Any]]:
         """Stream one request: each item is the response so far (``incremental=True``: the
         ``text`` field holds only the new piece)."""
+        self._check_single_stream(prompt, kwargs.get("input_ids"), sampling_params)
         handles, _ = self._submit(prompt, sampling_params, stream=True, **kwargs)
         if not incremental:
             return self._stream_cumulative(handles[0])
@@ -381,8 +384,6 @@ class Engine:
             return [value] * n
 
         params = [self._params(p) for p in per_item(sampling_params, "sampling_params")]
-        if stream and (n != 1 or params[0].n != 1):
-            raise ValueError("streaming takes a single prompt with n=1")
         logprob_flags = per_item(return_logprob, "return_logprob")
         starts = per_item(logprob_start_len, "logprob_start_len")
         tops = per_item(top_logprobs_num, "top_logprobs_num")
@@ -421,6 +422,16 @@ class Engine:
             handles.append(handle)
         self._inbox.put(lambda: [self.scheduler.add(r) for r in reqs])
         return handles, single
+
+    @staticmethod
+    def _check_single_stream(prompt: Any, input_ids: Any, sampling_params: Any) -> None:
+        """A stream is one request: refuse batches and n > 1 before anything is queued."""
+        batched = isinstance(prompt, list) or bool(input_ids and not isinstance(input_ids[0], int))
+        n = getattr(sampling_params, "n", None)
+        if isinstance(sampling_params, dict):
+            n = sampling_params.get("n", 1)
+        if batched or isinstance(sampling_params, list) or n not in (None, 1):
+            raise ValueError("streaming takes a single prompt with n=1")
 
     def _params(self, value: Any) -> SamplingParams:
         if isinstance(value, SamplingParams):
