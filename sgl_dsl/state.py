@@ -197,29 +197,28 @@ class ProgramState:
             exe.end()
 
 
-class ProgramStateGroup:
-    """The states of ``s.fork(n)``; ``forks += expr`` appends to each."""
+class ForkGroup:
+    """The states of ``s.fork(n)``: index them, or ``forks += x`` to append to each (``x``
+    an expression, a list with one value per fork, or a function of the fork's index)."""
 
-    def __init__(self, states: list[ProgramState], src_state: ProgramState) -> None:
+    def __init__(self, states: list[Any], src_state: Any) -> None:
         self.states = states
         self.src_state = src_state
 
     def __len__(self) -> int:
         return len(self.states)
 
-    def __iter__(self) -> Iterator[ProgramState]:
+    def __iter__(self) -> Iterator[Any]:
         return iter(self.states)
 
-    def __getitem__(self, i: int) -> ProgramState:
+    def __getitem__(self, i: int) -> Any:
         return self.states[i]
 
-    def __setitem__(self, i: int, value: ProgramState) -> None:
+    def __setitem__(self, i: int, value: Any) -> None:
         if value is not self.states[i]:
             raise ValueError("assign a fork only to itself (forks[i] += ...)")
 
-    def __iadd__(
-        self, other: SglExpr | str | Callable[[int], Any] | Sequence[Any]
-    ) -> ProgramStateGroup:
+    def __iadd__(self, other: SglExpr | str | Callable[[int], Any] | Sequence[Any]) -> ForkGroup:
         if isinstance(other, (list, tuple)):
             if len(other) != len(self.states):
                 raise ValueError(f"{len(other)} values for {len(self.states)} forks")
@@ -232,6 +231,10 @@ class ProgramStateGroup:
             for state in self.states:
                 state += other
         return self
+
+
+class ProgramStateGroup(ForkGroup):
+    """The forks of a running program."""
 
     def join(self, mode: str = "gather_variable") -> None:
         """Wait for the forks and merge them into the source state.

@@ -32,6 +32,7 @@ from sgl_dsl.ir import (
     as_expr,
     produced_names,
 )
+from sgl_dsl.state import ForkGroup
 
 if TYPE_CHECKING:
     from sgl_dsl.backends.base import BaseBackend
@@ -281,43 +282,16 @@ class TracerProgramState:
         return None
 
 
-class TracerStateGroup:
-    def __init__(self, states: list[TracerProgramState], src: TracerProgramState) -> None:
-        self.states = states
-        self.src = src
-
-    def __len__(self) -> int:
-        return len(self.states)
-
-    def __iter__(self) -> Iterator[TracerProgramState]:
-        return iter(self.states)
-
-    def __getitem__(self, i: int) -> TracerProgramState:
-        return self.states[i]
-
-    def __setitem__(self, i: int, value: TracerProgramState) -> None:
-        if value is not self.states[i]:
-            raise ValueError("assign a fork only to itself (forks[i] += ...)")
-
-    def __iadd__(self, other: Any) -> TracerStateGroup:
-        if isinstance(other, (list, tuple)):
-            for state, value in zip(self.states, other, strict=True):
-                state += value
-        elif callable(other) and not isinstance(other, SglExpr):
-            for i, state in enumerate(self.states):
-                state += other(i)
-        else:
-            for state in self.states:
-                state += other
-        return self
+class TracerStateGroup(ForkGroup):
+    """The forks of a program being traced."""
 
     def join(self, mode: str = "gather_variable") -> None:
         children = [s.stream for s in self.states]
         if mode == "gather_variable":
             names = sorted({n for c in children for n in c.produced()})
-            self.src.stream.nodes.append(JoinNode(children, names))
+            self.src_state.stream.nodes.append(JoinNode(children, names))
         elif mode == "concate_and_append":
-            self.src.stream.nodes.append(SglConcateAndAppend(children))
+            self.src_state.stream.nodes.append(SglConcateAndAppend(children))
         else:
             raise ValueError(
                 f"invalid join mode {mode!r}: use gather_variable or concate_and_append"
