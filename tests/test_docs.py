@@ -19,6 +19,7 @@ PAGES = [
     "docs/constrained_decoding.md",
     "docs/architecture.md",
     "docs/engine.md",
+    "docs/server.md",
 ]
 
 
