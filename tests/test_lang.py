@@ -498,3 +498,18 @@ def test_tracing_rejects_host_use_of_symbolic_values():
     with pytest.raises(TypeError, match="cannot be traced"):
         branch.compile()
     assert branch.run().error() is None  # the interpreter still runs it
+
+
+def test_a_template_that_trims_falls_back_to_the_named_template(engine):
+    from sgl_dsl.backends.local import LocalBackend
+
+    original = engine.tokenizer.chat_template
+    engine.tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}"
+        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    try:
+        backend = LocalBackend(engine)
+    finally:
+        engine.tokenizer.chat_template = original
+    assert backend.chat_template.name == "chatml"  # chosen by the model's name (SmolLM2)

@@ -8,11 +8,12 @@ Prompts are the state's text; the engine's radix cache shares prefixes between s
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from sgl_dsl.backends.base import BaseBackend
-from sgl_dsl.chat_template import chat_template_from_tokenizer
+from sgl_dsl.chat_template import chat_template_from_tokenizer, get_chat_template_by_model_path
 from sgl_dsl.choices import ChoicesDecision, ChoicesSamplingMethod, mean_logprob
 
 if TYPE_CHECKING:
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from sgl_dsl.interpreter import StreamExecutor
     from sgl_dsl.ir import SglSamplingParams
 
+logger = logging.getLogger(__name__)
 _EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 
 
@@ -68,7 +70,11 @@ class LocalBackend(BaseBackend):
     def __init__(self, engine: Engine) -> None:
         super().__init__()
         self.engine = engine
-        self.chat_template = chat_template_from_tokenizer(engine.tokenizer)
+        try:
+            self.chat_template = chat_template_from_tokenizer(engine.tokenizer)
+        except ValueError as e:  # e.g. templates that trim message contents (Llama 3)
+            self.chat_template = get_chat_template_by_model_path(self.get_model_name())
+            logger.warning("%s; using the named template %r", e, self.chat_template.name)
 
     def get_model_name(self) -> str:
         return self.engine.config.model or _EMBEDDED_NAME
