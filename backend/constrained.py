@@ -23,6 +23,28 @@ from fsm import ConstraintError, GuideCompiler, Vocabulary
 _RETOKENIZE_TAIL = 2
 
 
+def _mask_logits_cuda(rows: list[int], masks: list[np.ndarray], logits: torch.Tensor) -> bool:
+    """`mask_logits` on a CUDA tensor with one Triton launch; False when Triton is missing.
+
+    The packed masks and the row indices travel in one pinned buffer and one host-to-device
+    copy (the caching host allocator keeps the buffer until that copy is done).
+    """
+    try:
+        from backend.sampling_kernels import apply_token_bitmask_
+    except ImportError:
+        return False
+    num_rows, num_words = len(rows), masks[0].shape[0]
+    size = num_rows * (num_words + 1)
+    host = torch.empty(size, dtype=torch.int32, pin_memory=True)
+    view = host.numpy()
+    np.stack(masks, out=view[: num_rows * num_words].reshape(num_rows, num_words).view(np.uint32))
+    view[num_rows * num_words :] = rows
+    device = host.to(logits.device, non_blocking=True)
+    bitmask = device[: num_rows * num_words].view(num_rows, num_words)
+    apply_token_bitmask_(logits, bitmask, device[num_rows * num_words :])
+    return True
+
+
 class Constraints:
     """Per-engine constraint machinery; the vocabulary is built on first use."""
 
@@ -99,7 +121,10 @@ class Constraints:
         rows = [i for i, r in enumerate(reqs) if r.guide is not None]
         if not rows:
             return
-        packed = np.stack([reqs[i].guide.allowed_mask(reqs[i].fsm_state) for i in rows])  # type: ignore[union-attr]
+        masks = [reqs[i].guide.allowed_mask(reqs[i].fsm_state) for i in rows]  # type: ignore[union-attr]
+        if logits.is_cuda and _mask_logits_cuda(rows, masks, logits):
+            return
+        packed = np.stack(masks)
         words = torch.from_numpy(packed.view(np.int32)).to(logits.device)
         bits = (words.unsqueeze(-1) >> self._shifts.to(logits.device)) & 1
         allowed = bits.reshape(len(rows), -1).bool()
