@@ -10,20 +10,17 @@ skipped when ``triton`` is not importable.
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import triton_util
 
-CUDA = torch.cuda.is_available()
-if not CUDA and "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
+triton_util.prepare()
+CUDA = triton_util.CUDA
 
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[gpu]')")
 
@@ -31,30 +28,17 @@ from backend import sampling_kernels as sk  # noqa: E402
 from backend.constrained import Constraints  # noqa: E402
 from fsm import Vocabulary, compile_regex  # noqa: E402
 
-# Whether the kernel can run in this process: on CUDA, or with triton fully interpreted.
-RUN_HERE = CUDA or (
-    sk.is_interpreted() and type(triton.language.zeros).__name__ == "InterpretedFunction"
-)
+RUN_HERE = triton_util.runs_here(sk.is_interpreted())
 
 
 @pytest.fixture(autouse=True)
 def kernels_here(request: pytest.FixtureRequest) -> None:
-    if not RUN_HERE and request.node.name != "test_interpreter_subprocess":
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run by the subprocess")
+    triton_util.skip_unless_here(request, RUN_HERE)
 
 
 def test_interpreter_subprocess() -> None:
     """Without CUDA, run this module again in a process where the interpreter is on."""
-    if RUN_HERE:
-        pytest.skip("the kernel runs in this process")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-rfEs"]
-    cmd.append("--noconftest")  # this module needs none of the shared fixtures
-    root = Path(__file__).resolve().parent.parent
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-6000:]
-    assert " passed" in output and "failed" not in output, output[-6000:]
+    triton_util.rerun_interpreted(__file__, RUN_HERE, noconftest=True, timeout=300)
 
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")

@@ -11,6 +11,7 @@ Contract:
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -22,29 +23,33 @@ if TYPE_CHECKING:
     from sgl_dsl.ir import SglExpr, SglSamplingParams
 
 
-class BaseBackend:
+class BaseBackend(ABC):
     is_chat_model = False
     support_concate_and_append = False
 
     def __init__(self) -> None:
         self.chat_template: ChatTemplate = get_chat_template("default")
 
+    @abstractmethod
     def get_model_name(self) -> str:
-        raise NotImplementedError
+        """The served model's name (for messages and for guessing a chat template)."""
 
     def get_chat_template(self) -> ChatTemplate:
         return self.chat_template
 
+    @abstractmethod
     async def generate(
         self, s: StreamExecutor, sampling_params: SglSamplingParams
     ) -> tuple[str | list[str], dict[str, Any] | list[dict[str, Any]]]:
-        raise NotImplementedError
+        """Generate after ``s.text_`` (or its messages); lists when ``n > 1``."""
 
+    @abstractmethod
     def generate_stream(
         self, s: StreamExecutor, sampling_params: SglSamplingParams
     ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-        raise NotImplementedError
+        """Yield ``(new_text, meta_info_so_far)`` as the generation proceeds."""
 
+    @abstractmethod
     async def select(
         self,
         s: StreamExecutor,
@@ -52,7 +57,7 @@ class BaseBackend:
         temperature: float,
         choices_method: ChoicesSamplingMethod,
     ) -> ChoicesDecision:
-        raise NotImplementedError
+        """Pick one of ``choices`` after ``s.text_``."""
 
     async def fill_image(self, s: StreamExecutor, expr: SglExpr) -> None:
         """Append an image or video to the state; text-only backends refuse."""
@@ -61,10 +66,10 @@ class BaseBackend:
             "image() and video() need a vision-language model"
         )
 
-    async def commit_lazy_operations(self, s: StreamExecutor) -> None:
+    async def commit_lazy_operations(self, s: StreamExecutor) -> None:  # noqa: B027 (optional hook)
         """Send the state's text as a prefill-only request so later requests hit the cache."""
 
-    async def cache_prefix(self, prefix: str) -> None:
+    async def cache_prefix(self, prefix: str) -> None:  # noqa: B027 (optional hook)
         """Prefill ``prefix`` into the backend's prefix cache (no-op where there is none)."""
 
     async def role_end_generate(self, s: StreamExecutor) -> list[tuple[str, str | None]]:
@@ -72,7 +77,7 @@ class BaseBackend:
         execution); returns the turn's pieces of text, each with the variable it fills."""
         return []
 
-    def end_program(self, s: StreamExecutor) -> None:
+    def end_program(self, s: StreamExecutor) -> None:  # noqa: B027 (optional hook)
         """Called once a program has submitted its last expression."""
 
     def flush_cache(self) -> bool:
@@ -81,5 +86,5 @@ class BaseBackend:
     def get_server_info(self) -> dict[str, Any]:
         return {}
 
-    def shutdown(self) -> None:
+    def shutdown(self) -> None:  # noqa: B027 (optional hook)
         """Release what the backend holds (threads, connections, subprocesses)."""
