@@ -289,8 +289,7 @@ class Engine:
         def flush() -> bool:
             if self.scheduler.has_work():
                 return False
-            self.cache.reset()
-            self._outputs.stats = type(self._outputs.stats)()
+            self.cache.reset()  # the counters stay monotonic (Prometheus counters)
             return True
 
         return self._call(flush)
