@@ -2,7 +2,8 @@
 
 Contract:
 - Counters (``_total``): requests, prompt tokens, generated tokens, cached prompt tokens
-  (from ``Engine.get_stats()``, monotonic since the engine started), and HTTP requests by method, route and status (kept by the server).
+  (from ``Engine.get_stats()``, monotonic since the engine started), and HTTP requests by
+  method, route and status (kept by the server).
 - Gauges: cache hit rate, running / waiting requests, KV slots used / free / evictable /
   total.
 - Every sample carries ``model_name="<served name>"``.
