@@ -10,8 +10,9 @@ from dataclasses import dataclass
 class EngineConfig:
     """Options of the local engine.
 
-    ``max_total_tokens`` is the KV pool size in token slots (default: enough for a few
-    full contexts of the embedded model on CPU). ``chunked_prefill_size`` is the token
+    ``max_total_tokens`` is the KV pool size in token slots. Default: 32768 on CPU; on a
+    GPU, what fits in ``mem_fraction_static`` of the device's memory (weights, KV pool and
+    CUDA-graph buffers together) once the weights are loaded. ``chunked_prefill_size`` is the token
     budget of one prefill forward pass; longer prompts are prefilled in chunks.
     ``schedule_policy`` is ``"lpm"`` (longest cached prefix first, falling back to FCFS when
     more than ``lpm_max_queue`` requests wait) or ``"fcfs"``.
@@ -22,12 +23,17 @@ class EngineConfig:
     ``constrained_json_extra_properties`` (the JSON Schema default); compiling a constraint
     fails after ``constraint_compile_timeout`` seconds; the last ``constraint_cache_size``
     compiled constraints are kept.
+    GPU: decode steps of up to ``cuda_graph_max_bs`` requests replay CUDA graphs captured at
+    start-up unless ``disable_cuda_graph``. ``load_format="dummy"`` skips the checkpoint's
+    weights and initializes them randomly (benchmarks: speed does not depend on the values;
+    only ``config.json`` and the tokenizer are read).
     """
 
     model: str | None = None
     device: str = "cpu"
     dtype: str = "auto"
-    max_total_tokens: int = 32768
+    max_total_tokens: int | None = None
+    mem_fraction_static: float = 0.88
     max_running_requests: int = 128
     context_length: int | None = None
     chunked_prefill_size: int = 2048
@@ -44,19 +50,36 @@ class EngineConfig:
     constrained_json_extra_properties: bool = False
     constraint_compile_timeout: float = 10.0
     constraint_cache_size: int = 64
+    load_format: str = "auto"
+    disable_cuda_graph: bool = False
+    cuda_graph_max_bs: int = 256
 
     def __post_init__(self) -> None:
         for name in (
-            "max_total_tokens",
             "max_running_requests",
             "chunked_prefill_size",
             "new_token_ratio_decay_steps",
             "lpm_max_queue",
             "dedupe_min_shared_tokens",
+            "cuda_graph_max_bs",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_total_tokens is not None and (
+            not isinstance(self.max_total_tokens, int)
+            or isinstance(self.max_total_tokens, bool)
+            or self.max_total_tokens <= 0
+        ):
+            raise ValueError(
+                f"max_total_tokens must be a positive integer, got {self.max_total_tokens!r}"
+            )
+        if not 0.0 < self.mem_fraction_static < 1.0:
+            raise ValueError(
+                f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static!r}"
+            )
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.schedule_policy not in ("lpm", "fcfs"):
             raise ValueError(
                 f"schedule_policy must be 'lpm' or 'fcfs', got {self.schedule_policy!r}"

@@ -8,6 +8,7 @@ KV pool and the radix cache; results come back through per-request queues.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import queue
 import threading
@@ -23,7 +24,7 @@ import torch
 from backend.attention.base import create_attention_backend
 from backend.config import EngineConfig
 from backend.constrained import Constraints
-from backend.kv_pool import KVPool, ReqToTokenTable
+from backend.kv_pool import KVPool, ReqToTokenTable, kv_pool_capacity
 from backend.model_loader import load_model, load_tokenizer, resolve_model_dir
 from backend.model_runner import ModelRunner
 from backend.output_processor import OutputProcessor
@@ -165,27 +166,45 @@ class Engine:
         dtype = _DTYPES.get(config.dtype) or (
             torch.bfloat16 if device.type == "cuda" else torch.float32
         )
-        self.model_dir = resolve_model_dir(model)
+        self.model_dir = resolve_model_dir(model, require_weights=config.load_format != "dummy")
         self.tokenizer = load_tokenizer(self.model_dir)
-        self.model = load_model(self.model_dir, dtype=dtype, device=device)
+        self.model = load_model(
+            self.model_dir, dtype=dtype, device=device, load_format=config.load_format
+        )
+        if device.type == "cuda":
+            self.model.fuse_projections()
         self.context_len = min(
             config.context_length or self.model.max_context_len, self.model.max_context_len
         )
         self.eos_token_ids = self._eos_ids()
 
+        num_slots = config.max_total_tokens or kv_pool_capacity(self.model, dtype, device, config)
+        self.config = config = dataclasses.replace(config, max_total_tokens=num_slots)
         self.pool = KVPool(
-            config.max_total_tokens,
+            num_slots,
             self.model.num_layers,
             self.model.num_kv_heads,
             self.model.head_dim,
             dtype,
             device,
         )
-        table = ReqToTokenTable(config.max_running_requests, self.context_len, device)
+        # The request table is host bookkeeping; a pass carries the slots it needs.
+        table = ReqToTokenTable(config.max_running_requests, self.context_len, "cpu")
         self.cache = RadixCache(self.pool.free, disable=config.disable_radix_cache)
-        runner = ModelRunner(self.model, table, create_attention_backend(self.pool))
+        attn_backend = create_attention_backend(self.pool)
+        runner = ModelRunner(
+            self.model,
+            table,
+            attn_backend,
+            self.pool,
+            cuda_graph_sizes=self._cuda_graph_sizes(attn_backend),
+        )
         self._outputs = OutputProcessor(
-            self.tokenizer, self.eos_token_ids, self.model.vocab_size, self.context_len
+            self.tokenizer,
+            self.eos_token_ids,
+            self.model.vocab_size,
+            self.context_len,
+            device,
         )
         self.constraints = Constraints(
             self.tokenizer,
@@ -454,6 +473,16 @@ class Engine:
         pool_size = self.config.max_total_tokens
         if len(ids) >= pool_size:
             raise ValueError(f"the prompt has {len(ids)} tokens; the KV pool holds {pool_size}")
+
+    def _cuda_graph_sizes(self, attn_backend: object) -> list[int]:
+        """Decode batch sizes to capture: none off CUDA, without Triton or when disabled."""
+        if self.pool.device.type != "cuda" or self.config.disable_cuda_graph:
+            return []
+        if type(attn_backend).__name__ != "TritonAttentionBackend":
+            return []
+        from backend.cuda_graph_runner import capture_sizes
+
+        return capture_sizes(min(self.config.cuda_graph_max_bs, self.config.max_running_requests))
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()

@@ -10,7 +10,18 @@ Contract:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from backend.config import EngineConfig
+    from backend.models.llama import CausalLM
+
+CPU_DEFAULT_SLOTS = 32768
+"""KV pool size on the CPU when ``max_total_tokens`` is not given."""
+GPU_MIN_SLOTS = 1024
+"""Fewer slots than this in the memory left for the pool is an error, not a tiny engine."""
 
 
 class KVPool:
@@ -80,3 +91,30 @@ class ReqToTokenTable:
 
     def free_row(self, row: int) -> None:
         self._free_rows.append(row)
+
+
+def kv_pool_capacity(
+    model: CausalLM, dtype: torch.dtype, device: torch.device, config: EngineConfig
+) -> int:
+    """How many token slots the KV pool gets when ``max_total_tokens`` is not set.
+
+    CPU: ``CPU_DEFAULT_SLOTS``. CUDA: after the weights are loaded, the pool takes what is
+    left of ``config.mem_fraction_static`` of the device's total memory (memory already in
+    use, by this process or others, counts against it); the rest is for activations, the
+    logits and the CUDA graphs. Raises ``ValueError`` when that leaves fewer than
+    ``GPU_MIN_SLOTS`` slots.
+    """
+    if device.type != "cuda":
+        return CPU_DEFAULT_SLOTS
+    free, total = torch.cuda.mem_get_info(device)
+    per_slot = 2 * model.num_layers * model.num_kv_heads * model.head_dim * dtype.itemsize
+    budget = total * config.mem_fraction_static - (total - free)
+    slots = int(budget // per_slot)
+    if slots < GPU_MIN_SLOTS:
+        raise ValueError(
+            f"only {max(budget, 0) / 2**30:.1f} GiB of GPU memory is left for the KV cache "
+            f"({max(slots, 0)} token slots of {per_slot} bytes; {free / 2**30:.1f} of "
+            f"{total / 2**30:.1f} GiB free): raise mem_fraction_static "
+            f"({config.mem_fraction_static}) or free GPU memory"
+        )
+    return slots

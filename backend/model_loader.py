@@ -80,12 +80,13 @@ def cache_root() -> Path:
     return Path.home() / ".cache" / "sgl_dsl"
 
 
-def resolve_model_dir(model: str | os.PathLike[str] | None) -> Path:
+def resolve_model_dir(model: str | os.PathLike[str] | None, require_weights: bool = True) -> Path:
     """Return a local Hugging Face model folder for ``model``.
 
     ``None`` means the embedded SmolLM2 GGUF; a ``.gguf`` file is converted once into the cache;
-    a folder with ``config.json`` and safetensors weights is returned as is. Anything else
-    raises ``FileNotFoundError`` or ``ValueError`` with the reason.
+    a folder with ``config.json`` and safetensors weights (or, with ``require_weights=False``,
+    without them: random weights) is returned as is. Anything else raises
+    ``FileNotFoundError`` or ``ValueError`` with the reason.
     """
     if model is None:
         return _convert_gguf_cached(embedded_gguf_path())
@@ -109,7 +110,8 @@ def resolve_model_dir(model: str | os.PathLike[str] | None) -> Path:
             f"Model folder {str(path)!r} has no config.json; expected a Hugging Face folder "
             f"with config.json and *.safetensors weights.{hint}"
         )
-    _weight_files(path)  # raises when the folder has no usable weights
+    if require_weights:
+        _weight_files(path)  # raises when the folder has no usable weights
     return path
 
 
@@ -261,30 +263,61 @@ def load_model(
     model_dir: str | os.PathLike[str],
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    load_format: str = "auto",
 ) -> CausalLM:
     """Build our ``CausalLM`` for ``model_dir`` and load its safetensors weights.
 
     Parameters are created on the meta device (no random init), then each checkpoint tensor
-    is assigned by name, cast to ``dtype`` and moved to ``device``. Raises ``ValueError`` for
-    an unsupported model type and ``KeyError`` for missing or unexpected tensors.
+    is read straight onto ``device`` (safetensors reads into device memory; no host copy of
+    the whole model), cast to ``dtype`` and assigned by name. ``load_format="dummy"`` reads
+    only ``config.json`` and fills every parameter with small random values on ``device``
+    (benchmarks). Raises ``ValueError`` for an unsupported model type and ``KeyError`` for
+    missing or unexpected tensors.
     """
     from backend.models import MODEL_REGISTRY
 
     start = time.perf_counter()
     model_dir = Path(model_dir)
     config = load_config(model_dir)
-    files = _weight_files(model_dir)
     with torch.device("meta"):
         model = MODEL_REGISTRY[config.model_type](config)
-    expected = dict(model.named_parameters())
     tied = bool(getattr(config, "tie_word_embeddings", False))
+    if load_format == "dummy":
+        _init_dummy(model, dtype, device)
+    elif load_format == "auto":
+        _load_checkpoint(model, model_dir, dtype, device, tied)
+    else:
+        raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.to(device=device, dtype=dtype)  # non-persistent buffers (RoPE tables)
+    model.eval()
+    model.requires_grad_(False)
+    logger.info(
+        "Loaded %s (%s, %d layers, %s weights) from %s in %.2f s",
+        config.model_type,
+        dtype,
+        model.num_layers,
+        load_format,
+        model_dir,
+        time.perf_counter() - start,
+    )
+    return model
+
+
+def _load_checkpoint(
+    model: CausalLM, model_dir: Path, dtype: torch.dtype, device: torch.device | str, tied: bool
+) -> None:
+    """Assign every checkpoint tensor of ``model_dir`` to the matching meta parameter."""
+    files = _weight_files(model_dir)
+    expected = dict(model.named_parameters())
     if tied:
         expected.pop("lm_head.weight", None)
     loaded: set[str] = set()
     unexpected: list[str] = []
     total = sum(_count_tensors(f) for f in files)
     with tqdm(total=total, desc="Loading weights", unit="tensor", leave=False) as bar:
-        for name, tensor in _iter_tensors(files):
+        for name, tensor in _iter_tensors(files, device):
             bar.update(1)
             param = expected.get(name)
             if param is None:
@@ -301,24 +334,26 @@ def load_model(
     missing = sorted(set(expected) - loaded)
     if missing or unexpected:
         raise KeyError(
-            f"Checkpoint {model_dir} does not match the {config.model_type} model: "
+            f"Checkpoint {model_dir} does not match the {model.config.model_type} model: "
             f"missing tensors {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
             f"unexpected tensors {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}"
         )
-    if tied:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.to(device=device, dtype=dtype)  # non-persistent buffers (RoPE tables)
-    model.eval()
-    model.requires_grad_(False)
-    logger.info(
-        "Loaded %s (%s, %d layers) from %s in %.2f s",
-        config.model_type,
-        dtype,
-        model.num_layers,
-        model_dir,
-        time.perf_counter() - start,
-    )
-    return model
+
+
+def _init_dummy(model: CausalLM, dtype: torch.dtype, device: torch.device | str) -> None:
+    """Random parameters on ``device``: uniform in [-0.05, 0.05), norm weights 1.
+
+    Values keep activations finite in any dtype; they carry no meaning.
+    """
+    generator = torch.Generator(device=device)
+    generator.manual_seed(0)
+    for name, param in list(model.named_parameters()):
+        tensor = torch.empty(param.shape, dtype=dtype, device=device)
+        if name.endswith("norm.weight"):
+            tensor.fill_(1.0)
+        else:
+            tensor.uniform_(-0.05, 0.05, generator=generator)
+        _assign(model, name, tensor)
 
 
 def load_tokenizer(model_dir: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
@@ -335,11 +370,14 @@ def _count_tensors(file: Path) -> int:
         return len(f.keys())
 
 
-def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_tensors(
+    files: list[Path], device: torch.device | str = "cpu"
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of ``files``, read onto ``device``."""
     from safetensors import safe_open
 
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
+        with safe_open(str(file), framework="pt", device=str(torch.device(device))) as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 yield name, f.get_tensor(name)
 

@@ -3,29 +3,53 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from backend.attention.base import AttentionBackend
 from backend.forward_batch import ForwardBatch, ForwardMode
-from backend.kv_pool import ReqToTokenTable
+from backend.kv_pool import KVPool, ReqToTokenTable
 from backend.models.llama import CausalLM
+
+if TYPE_CHECKING:
+    from backend.cuda_graph_runner import CudaGraphRunner
 
 
 class ModelRunner:
     """Runs forward passes for rows of the ReqToTokenTable.
 
     Before a call, the table row of every request must already list the slots of its
-    prefix and of the new tokens (the scheduler allocates them).
+    prefix and of the new tokens (the scheduler allocates them). The table may live on the
+    host while the model and the pool are on a GPU: the slots a pass needs travel with it.
+    With ``cuda_graph_sizes`` (CUDA, Triton attention, host table), decode steps of up to
+    the largest size replay captured graphs (``backend/cuda_graph_runner.py``).
     """
 
     def __init__(
-        self, model: CausalLM, table: ReqToTokenTable, attn_backend: AttentionBackend
+        self,
+        model: CausalLM,
+        table: ReqToTokenTable,
+        attn_backend: AttentionBackend,
+        pool: KVPool | None = None,
+        cuda_graph_sizes: Sequence[int] = (),
     ) -> None:
         self.model = model
         self.table = table
         self.attn_backend = attn_backend
-        self.device = table.table.device
+        self.device = pool.device if pool is not None else table.table.device
+        self.graphs: CudaGraphRunner | None = None
+        if cuda_graph_sizes:
+            from backend.attention.triton_backend import TritonAttentionBackend
+            from backend.cuda_graph_runner import CudaGraphRunner
+
+            if not isinstance(attn_backend, TritonAttentionBackend):
+                raise ValueError("CUDA graphs need the Triton attention backend")
+            if table.table.device.type != "cpu":
+                raise ValueError("CUDA graphs read the request table from the host")
+            self.graphs = CudaGraphRunner(
+                model, attn_backend, table.table.shape[1], cuda_graph_sizes
+            )
 
     @torch.inference_mode()
     def extend(
@@ -63,6 +87,16 @@ class ModelRunner:
             kv_slots,
         )
 
+    @torch.inference_mode()
+    def decode_logits(
+        self, rows: Sequence[int], seq_lens: Sequence[int], last_tokens: Sequence[int]
+    ) -> torch.Tensor:
+        """`decode` followed by `logits`: float32 ``[B, vocab]``, from a CUDA graph when one
+        was captured for the batch size (valid until the next decode step)."""
+        if self.graphs is not None and self.graphs.can_run(len(rows)):
+            return self.graphs.run(self.table.table, rows, seq_lens, last_tokens)
+        return self.logits(self.decode(rows, seq_lens, last_tokens))
+
     def _run(
         self,
         mode: ForwardMode,
@@ -75,9 +109,9 @@ class ModelRunner:
     ) -> torch.Tensor:
         batch = ForwardBatch(
             mode=mode,
-            input_ids=torch.tensor(ids, dtype=torch.int64, device=self.device),
-            positions=positions.to(self.device),
-            out_cache_loc=out_cache_loc.to(self.device),
+            input_ids=torch.tensor(ids, dtype=torch.int64).to(self.device, non_blocking=True),
+            positions=positions.to(self.device, non_blocking=True),
+            out_cache_loc=out_cache_loc.to(self.device, non_blocking=True),
             prefix_lens=list(prefix_lens),
             extend_lens=list(extend_lens),
             kv_slots=kv_slots,

@@ -43,19 +43,35 @@ def _top_logprobs(logprobs: torch.Tensor, k: int) -> list[TopLogprobs]:
 
 
 class OutputProcessor:
+    """Turns logits into tokens, text and updates (see the module docstring).
+
+    ``vocab_size`` is the model's output width; ids at or above ``len(tokenizer)`` (padding
+    rows some checkpoints add to the embedding) are never sampled. Per-request sampling
+    state (generators, penalty tensors) lives on ``device``, the logits' device.
+    """
+
     def __init__(
-        self, tokenizer: Any, eos_token_ids: Iterable[int], vocab_size: int, context_len: int
+        self,
+        tokenizer: Any,
+        eos_token_ids: Iterable[int],
+        vocab_size: int,
+        context_len: int,
+        device: torch.device | str = "cpu",
     ):
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.vocab_size = vocab_size
+        self.num_decodable = min(len(tokenizer), vocab_size)
         self.context_len = context_len
+        self.device = torch.device(device)
         self.stats = EngineStats()
 
     def start(self, req: Req) -> None:
         """Create the per-request sampling, detokenizer and stop-string state."""
         p = req.params
-        req.sampling = RequestSampling(p, req.input_ids, self.eos_token_ids, self.vocab_size)
+        req.sampling = RequestSampling(
+            p, req.input_ids, self.eos_token_ids, self.vocab_size, self.device
+        )
         req.detokenizer = self._detokenizer(req, req.input_ids)
         stops = p.stop or p.stop_regex
         req.stop_matcher = StopStringMatcher(p.stop, p.stop_regex) if stops else None
@@ -76,19 +92,27 @@ class OutputProcessor:
             req.input_token_logprobs.append(None)  # the first token has no context
             req.input_top_logprobs.append(None)
         logprobs = torch.log_softmax(logits.float(), dim=-1)
-        ids = torch.tensor(req.input_ids[first_token : first_token + len(logits)])
+        ids = torch.tensor(
+            req.input_ids[first_token : first_token + len(logits)], device=logits.device
+        )
         req.input_token_logprobs.extend(logprobs.gather(1, ids[:, None]).squeeze(1).tolist())
         if req.top_logprobs_num:
             req.input_top_logprobs.extend(_top_logprobs(logprobs, req.top_logprobs_num))
 
+    @torch.inference_mode()
     def process(self, reqs: list[Req], logits: torch.Tensor) -> list[Req]:
-        """Sample one token per request, record it, and return the requests that finished."""
+        """Sample one token per request, record it, and return the requests that finished.
+
+        ``logits`` may be modified in place."""
+        if self.num_decodable < logits.shape[1]:
+            logits[:, self.num_decodable :] = float("-inf")
         states = [r.sampling for r in reqs]
         next_ids = sample(logits, states, [len(r.output_ids) for r in reqs]).tolist()  # type: ignore[arg-type]
         want = [i for i, r in enumerate(reqs) if r.return_logprob]
         if want:
             logprobs = torch.log_softmax(logits[want].float(), dim=-1)
-            chosen = logprobs.gather(1, torch.tensor([next_ids[i] for i in want])[:, None])
+            picked = torch.tensor([next_ids[i] for i in want], device=logprobs.device)
+            chosen = logprobs.gather(1, picked[:, None]).cpu()
             for j, i in enumerate(want):
                 req = reqs[i]
                 req.output_token_logprobs.append(float(chosen[j, 0]))

@@ -11,17 +11,18 @@ Processing order, per row ``i`` of the batch (``states[i]`` holds the request's 
 5. other rows: divide by the temperature, top-k (ties at the k-th value are kept), top-p (keep
    the smallest set of most likely tokens whose probability reaches ``top_p``, at least one),
    min-p (drop tokens whose probability is below ``min_p`` times the largest), then draw one
-   token with the request's own ``torch.Generator``.
+   token (see below).
 
-Each sampling row draws ``V`` exponential variates from its own generator per step and picks
-``argmax(p / q)`` (an exact draw from ``p``), so a seeded request reproduces its tokens
-whatever else is in the batch. The input logits are never modified. Work that no row needs
-is skipped: a batch of plain greedy rows is one ``argmax``.
+Each sampling row draws ``V`` exponential variates per step and picks ``argmax(p / q)`` (an
+exact draw from ``p``). A seeded request draws from its own ``torch.Generator``, so it
+reproduces its tokens whatever else is in the batch; unseeded rows share one batched draw
+from torch's default generator of the device (one launch, however many rows). The input
+logits are never modified. Work that no row needs is skipped: a batch of plain greedy rows
+is one ``argmax``.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -35,8 +36,8 @@ _MIN_TEMPERATURE = 1e-6
 class RequestSampling:
     """Per-request sampling state, created when a request is admitted.
 
-    Holds the request's parameters, its EOS ids, its own ``torch.Generator`` (seeded with
-    ``params.seed`` when given, else from a fresh random seed) and, only when penalties are
+    Holds the request's parameters, its EOS ids, its own ``torch.Generator`` seeded with
+    ``params.seed`` (None without a seed) and, only when penalties are
     in use, ``[V]`` tensors on ``device``: the tokens seen (prompt and output, for the
     repetition penalty) and the output-token counts (for frequency/presence penalties).
     Call :meth:`observe` with every token appended to the output.
@@ -58,9 +59,10 @@ class RequestSampling:
         self.eos_token_ids = sorted({int(t) for t in eos_token_ids if 0 <= int(t) < vocab_size})
         self._stop_ids = sorted({t for t in params.stop_token_ids if t < vocab_size})
         self._banned_early = sorted(set(self.eos_token_ids) | set(self._stop_ids))
-        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
-        self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator(device=self.device)
+            self.generator.manual_seed(params.seed & 0xFFFF_FFFF_FFFF_FFFF)
 
         self.seen: torch.Tensor | None = None
         self.output_counts: torch.Tensor | None = None
@@ -222,8 +224,11 @@ def sample(
 
     probs = torch.softmax(_filter(sub, [states[i].params for i in sample_rows]), dim=1)
     noise = torch.empty_like(probs)
-    for j, i in enumerate(sample_rows):
-        noise[j].exponential_(generator=states[i].generator)
+    seeded = [(j, g) for j, i in enumerate(sample_rows) if (g := states[i].generator) is not None]
+    if len(seeded) < len(sample_rows):
+        noise.exponential_()
+    for j, generator in seeded:
+        noise[j].exponential_(generator=generator)
     noise.clamp_min_(torch.finfo(torch.float32).tiny)  # a zero variate must not divide by 0
     drawn = torch.argmax(probs / noise, dim=1)
 

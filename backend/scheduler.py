@@ -372,13 +372,13 @@ class Scheduler:
         for req, slot in zip(reqs, slots.tolist()):
             self.table.table[req.row, req.num_kv] = slot
             req.num_kv += 1
-        hidden = self.runner.decode(
+        logits = self.runner.decode_logits(
             rows, [r.num_kv for r in reqs], [r.output_ids[-1] for r in reqs]
         )
         self.new_token_ratio = max(
             self.new_token_ratio - self._ratio_decay, self.config.min_new_token_ratio
         )
-        self._emit(reqs, self.runner.logits(hidden))
+        self._emit(reqs, logits)
 
     def _make_room_for_decode(self) -> None:
         """Retract running requests (fewest outputs first) until one slot each is available."""

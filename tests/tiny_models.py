@@ -100,8 +100,13 @@ def tiny_config(arch: str) -> transformers.PretrainedConfig:
     return cls(**_COMMON, **extra)
 
 
-def write_tiny_model(directory: str | Path, arch: str, seed: int = 0) -> Path:
-    """Write a tiny random ``arch`` model folder into ``directory`` and return its path."""
+def write_tiny_model(
+    directory: str | Path, arch: str, seed: int = 0, tokenizer_dir: str | Path | None = None
+) -> Path:
+    """Write a tiny random ``arch`` model folder into ``directory`` and return its path.
+
+    The tokenizer files come from ``tokenizer_dir`` (default: the embedded model's folder).
+    """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     config = tiny_config(arch)
@@ -115,7 +120,7 @@ def write_tiny_model(directory: str | Path, arch: str, seed: int = 0) -> Path:
             elif name.endswith(".bias"):
                 param.copy_(0.2 * torch.randn(param.shape, generator=generator))
     model.save_pretrained(out)
-    tokenizer_src = resolve_model_dir(None)
+    tokenizer_src = Path(tokenizer_dir) if tokenizer_dir else resolve_model_dir(None)
     for name in _TOKENIZER_FILES:
         if (tokenizer_src / name).is_file():
             shutil.copyfile(tokenizer_src / name, out / name)

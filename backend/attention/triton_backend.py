@@ -7,7 +7,9 @@ number of KV splits and allocates the float32 split scratch that every layer reu
 layer, ``forward`` writes the new K/V with one kernel, then runs the extend kernel or the
 two decode kernels (``backend/attention/triton_kernels.py``).
 
-Not (yet) here: the torch backend's shared-prefix grouping in decode, and CUDA graphs.
+Decode steps can also run from CUDA graphs (``backend/cuda_graph_runner.py``), which
+preset the metadata over static buffers. Not here: the torch backend's shared-prefix
+grouping in decode.
 """
 
 from __future__ import annotations
@@ -77,8 +79,8 @@ class TritonAttentionBackend:
         device = self.device
         seq_lens = batch.seq_lens
         kv_indptr = _indptr(seq_lens, device)
-        if batch.kv_slots:
-            kv_indices = torch.cat([s.to(device=device, dtype=torch.int64) for s in batch.kv_slots])
+        if batch.kv_slots:  # one concatenation where the slots are, one copy to the device
+            kv_indices = torch.cat(batch.kv_slots).to(device=device, dtype=torch.int64)
         else:
             kv_indices = torch.zeros(1, dtype=torch.int64, device=device)
         if batch.mode == ForwardMode.EXTEND:
@@ -115,7 +117,7 @@ class TritonAttentionBackend:
         meta: TritonAttnMetadata = batch.attn_metadata
         k_buf = self.pool.k_buffers[layer_id]
         v_buf = self.pool.v_buffers[layer_id]
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         tk.store_kv(k_buf, v_buf, batch.out_cache_loc, k, v)
         out = torch.empty_like(q)
         if batch.mode == ForwardMode.DECODE:

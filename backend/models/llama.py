@@ -23,6 +23,9 @@ from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from backend.forward_batch import ForwardBatch
+from backend.fused_ops import add_rms_norm_, rms_norm_reference, rope, silu_and_mul
+
+rms_norm = rms_norm_reference
 
 logger = logging.getLogger(__name__)
 
@@ -37,15 +40,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``weight * (x / sqrt(mean(x^2) + eps))`` over the last dim, statistics in float32."""
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, weight.shape, weight, eps)
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
 
 
 def rope_tables(
@@ -86,9 +80,23 @@ def rope_tables(
     return cos, sin_signed
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``[T, heads, D]`` with per-token ``cos``/``sin_signed`` ``[T, 1, D]``."""
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin_signed)
+class Rotary:
+    """RoPE for one forward pass: the fused kernel on CUDA, else the tables' rows gathered
+    once per pass and applied by torch (``x * cos + roll(x, D / 2) * sin_signed``)."""
+
+    def __init__(self, cos: torch.Tensor, sin_signed: torch.Tensor, positions: torch.Tensor):
+        self.fused = positions.is_cuda
+        if self.fused:
+            self.positions, self.cos, self.sin_signed = positions, cos, sin_signed
+        else:
+            self.cos = cos.index_select(0, positions).unsqueeze(1)
+            self.sin_signed = sin_signed.index_select(0, positions).unsqueeze(1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x`` ``[T, heads, D]``."""
+        if self.fused:
+            return rope(x, self.positions, self.cos, self.sin_signed)
+        return torch.addcmul(x * self.cos, x.roll(x.shape[-1] // 2, -1), self.sin_signed)
 
 
 class Attention(nn.Module):
@@ -111,23 +119,41 @@ class Attention(nn.Module):
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qkv_weight: torch.Tensor | None = None  # set by fuse()
+        self.qkv_bias: torch.Tensor | None = None
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin_signed: torch.Tensor,
-        batch: ForwardBatch,
-    ) -> torch.Tensor:
+    def fuse(self) -> None:
+        """Concatenate the q, k and v projections into one matrix (one GEMM per layer);
+        the separate parameters become views of it, so no memory is added."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        self.qkv_weight, weights = _fuse_rows([p.weight for p in projs])
+        for proj, weight in zip(projs, weights):
+            proj.weight = nn.Parameter(weight, requires_grad=False)
+        if self.q_proj.bias is not None:
+            self.qkv_bias, biases = _fuse_rows([p.bias for p in projs])
+            for proj, bias in zip(projs, biases):
+                proj.bias = nn.Parameter(bias, requires_grad=False)
+
+    def _project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.qkv_weight is None:
+            return tuple(
+                F.linear(x, p.weight, p.bias) for p in (self.q_proj, self.k_proj, self.v_proj)
+            )
+        q_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        return F.linear(x, self.qkv_weight, self.qkv_bias).split([q_size, kv_size, kv_size], -1)
+
+    def forward(self, x: torch.Tensor, rotary: Rotary, batch: ForwardBatch) -> torch.Tensor:
         t = x.shape[0]
-        q = F.linear(x, self.q_proj.weight, self.q_proj.bias).view(t, self.num_heads, -1)
-        k = F.linear(x, self.k_proj.weight, self.k_proj.bias).view(t, self.num_kv_heads, -1)
-        v = F.linear(x, self.v_proj.weight, self.v_proj.bias).view(t, self.num_kv_heads, -1)
+        q, k, v = self._project_qkv(x)
+        q = q.view(t, self.num_heads, -1)
+        k = k.view(t, self.num_kv_heads, -1)
+        v = v.view(t, self.num_kv_heads, -1)
         if self.qk_norm:
             q = rms_norm(q, self.q_norm.weight, self.q_norm.eps)
             k = rms_norm(k, self.k_norm.weight, self.k_norm.eps)
-        q = apply_rope(q, cos, sin_signed)
-        k = apply_rope(k, cos, sin_signed)
+        q = rotary(q)
+        k = rotary(k)
         out = batch.attn_backend.forward(q, k, v, self.layer_id, batch)
         return F.linear(out.reshape(t, -1), self.o_proj.weight, self.o_proj.bias)
 
@@ -141,10 +167,29 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden, inter, bias=bias)
         self.down_proj = nn.Linear(inter, hidden, bias=bias)
         self.act_fn = _activation(getattr(config, "hidden_act", "silu"))
+        self.gate_up_weight: torch.Tensor | None = None  # set by fuse()
+        self.gate_up_bias: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        """Concatenate the gate and up projections (see ``Attention.fuse``)."""
+        projs = (self.gate_proj, self.up_proj)
+        self.gate_up_weight, weights = _fuse_rows([p.weight for p in projs])
+        for proj, weight in zip(projs, weights):
+            proj.weight = nn.Parameter(weight, requires_grad=False)
+        if self.gate_proj.bias is not None:
+            self.gate_up_bias, biases = _fuse_rows([p.bias for p in projs])
+            for proj, bias in zip(projs, biases):
+                proj.bias = nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.act_fn(F.linear(x, self.gate_proj.weight, self.gate_proj.bias))
-        gate = gate.mul_(F.linear(x, self.up_proj.weight, self.up_proj.bias))
+        if self.gate_up_weight is None:
+            gate = self.act_fn(F.linear(x, self.gate_proj.weight, self.gate_proj.bias))
+            gate = gate.mul_(F.linear(x, self.up_proj.weight, self.up_proj.bias))
+        elif self.act_fn is F.silu:
+            gate = silu_and_mul(F.linear(x, self.gate_up_weight, self.gate_up_bias))
+        else:
+            gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, -1)
+            gate = self.act_fn(gate).mul_(up)
         return F.linear(gate, self.down_proj.weight, self.down_proj.bias)
 
 
@@ -159,17 +204,19 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,
-        cos: torch.Tensor,
-        sin_signed: torch.Tensor,
+        x: torch.Tensor,
+        rotary: Rotary,
         batch: ForwardBatch,
+        next_norm: RMSNorm,
     ) -> torch.Tensor:
-        """One pre-norm block; ``hidden`` is owned by the caller's forward and updated in place."""
-        norm = self.input_layernorm
-        x = rms_norm(hidden, norm.weight, norm.eps)
-        hidden = hidden.add_(self.self_attn.forward(x, cos, sin_signed, batch))
+        """One pre-norm block. ``x`` is ``hidden`` after this layer's input norm; ``hidden``
+        (the residual stream) is updated in place; returns the updated ``hidden`` after
+        ``next_norm`` (the next layer's input norm, or the final norm), so that every
+        residual add is fused with the norm that follows it."""
+        attn = self.self_attn.forward(x, rotary, batch)
         norm = self.post_attention_layernorm
-        x = rms_norm(hidden, norm.weight, norm.eps)
-        return hidden.add_(self.mlp.forward(x))
+        x = add_rms_norm_(attn, hidden, norm.weight, norm.eps)
+        return add_rms_norm_(self.mlp.forward(x), hidden, next_norm.weight, next_norm.eps)
 
 
 class Model(nn.Module):
@@ -211,6 +258,14 @@ class CausalLM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin_signed, persistent=False)
 
+    def fuse_projections(self) -> None:
+        """Fuse q/k/v and gate/up into one GEMM each (GPU: fewer, larger matrix products).
+
+        Outputs equal the unfused model's up to the GEMM's summation order."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+
     @torch.no_grad()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Hidden states ``[T, hidden]`` after the final norm, one row per new token.
@@ -219,19 +274,30 @@ class CausalLM(nn.Module):
         """
         if batch.attn_metadata is None:
             batch.attn_backend.init_forward_metadata(batch)
-        positions = batch.positions
-        cos = self.rope_cos.index_select(0, positions).unsqueeze(1)
-        sin_signed = self.rope_sin.index_select(0, positions).unsqueeze(1)
+        rotary = Rotary(self.rope_cos, self.rope_sin, batch.positions)
         hidden = F.embedding(batch.input_ids, self.model.embed_tokens.weight)
-        for layer in self.model.layers:
-            hidden = layer.forward(hidden, cos, sin_signed, batch)
-        norm = self.model.norm
-        return rms_norm(hidden, norm.weight, norm.eps)
+        layers = self.model.layers
+        norm = layers[0].input_layernorm
+        x = add_rms_norm_(None, hidden, norm.weight, norm.eps)
+        for i, layer in enumerate(layers):
+            next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+            x = layer.forward(hidden, x, rotary, batch, next_norm)
+        return x
 
     @torch.no_grad()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits ``[N, vocab]`` for the rows of ``hidden`` the caller selected."""
         return F.linear(hidden, self.lm_head.weight).float()
+
+
+def _fuse_rows(parts: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``cat(parts)`` along dim 0, and each part as a view of the result."""
+    fused = torch.cat(parts)
+    views, start = [], 0
+    for part in parts:
+        views.append(fused[start : start + part.shape[0]])
+        start += part.shape[0]
+    return fused, views
 
 
 def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:

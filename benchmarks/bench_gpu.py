@@ -1,0 +1,300 @@
+"""GPU benchmarks of the engine (issue 7): one table, every decode figure beside its roofline.
+
+Models have random bf16 weights (``load_format="dummy"``; speed does not depend on the
+values) in the shapes of Llama-3-8B and of the embedded SmolLM2-135M; token ids are random
+and generation ignores EOS. The tokenizer (only used to detokenize and for the JSON-schema
+workload) is SmolLM2's; ids it cannot decode are never sampled.
+
+Workloads:
+- ``batch1``: one request, 128-token prompt, 128 new tokens;
+- ``batch64``: 64 x (512 in, 128 out);
+- ``random256``: 256 requests, input and output lengths uniform in 100-1024;
+- ``prefix``: 64 questions (32 tokens each) after one shared 2,000-token prefix, 32 new
+  tokens, radix cache on vs off;
+- ``json64``: batch 64, 128 new tokens, JSON schema constrained vs unconstrained.
+
+Bandwidth: a decode step reads every weight except the embedding table plus the KV of every
+token in the batch; achieved = those bytes x steps / decode time, where decode time is the
+run's time minus that of the same run with one new token (its prefill). The roofline is the
+measured device-to-device copy bandwidth. Usage (on a GPU)::
+
+    python benchmarks/bench_gpu.py --tokenizer DIR [--only batch1,batch64] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from backend.engine import Engine
+
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+SMOLLM2_135M = {
+    **LLAMA3_8B,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "vocab_size": 49152,
+    "rope_theta": 100000.0,
+    "tie_word_embeddings": True,
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+JSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "minLength": 600},
+        "year": {"type": "integer"},
+    },
+    "required": ["title", "year"],
+}
+
+
+def model_dir(shape: dict[str, Any], tokenizer_dir: Path, root: Path, name: str) -> Path:
+    out = root / name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(shape))
+    for file in TOKENIZER_FILES:
+        if (tokenizer_dir / file).is_file():
+            shutil.copyfile(tokenizer_dir / file, out / file)
+    return out
+
+
+def copy_bandwidth(nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + written), best of 10."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(12):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    del src, dst
+    return nbytes / best
+
+
+class Bench:
+    """One engine and the byte counts of its model."""
+
+    def __init__(self, engine: Engine, bandwidth: float) -> None:
+        self.engine = engine
+        self.bandwidth = bandwidth
+        model = engine.model
+        embed = model.model.embed_tokens.weight
+        self.weight_bytes = sum(
+            p.numel() * p.element_size()
+            for p in model.parameters()
+            if p is not embed or model.lm_head.weight is embed
+        )
+        self.kv_bytes_per_token = engine.pool.bytes_per_slot()
+        self.vocab = min(len(engine.tokenizer), model.vocab_size)
+        self.rng = random.Random(0)
+
+    def prompts(self, lengths: list[int]) -> list[list[int]]:
+        return [[self.rng.randrange(100, self.vocab) for _ in range(n)] for n in lengths]
+
+    def timed(self, prompts: list[list[int]], params: list[dict[str, Any]]) -> tuple[float, list]:
+        self.engine.flush_cache()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = self.engine.generate(input_ids=prompts, sampling_params=params)
+        return time.perf_counter() - start, out
+
+    def decode_row(
+        self, name: str, in_lens: list[int], out_lens: list[int], extra: dict | None = None
+    ) -> dict[str, Any]:
+        """Output tok/s of a batch, and the decode phase's bandwidth against the roofline."""
+        prompts = self.prompts(in_lens)
+        base = {"temperature": 0, "ignore_eos": True, **(extra or {})}
+        params = [{**base, "max_new_tokens": n} for n in out_lens]
+        self.timed(prompts[:2], params[:2])  # warm-up (first kernels of these shapes)
+        prefill_s, _ = self.timed(prompts, [{**p, "max_new_tokens": 1} for p in params])
+        wall, out = self.timed(prompts, params)
+        tokens = sum(len(o["output_ids"]) for o in out)
+        steps = max(out_lens) - 1
+        decode_s = max(wall - prefill_s, 1e-9)
+        # KV read per step: each running request's context at that step.
+        kv_tokens = sum(sum(i + j for j in range(1, o)) for i, o in zip(in_lens, out_lens) if o > 1)
+        moved = steps * self.weight_bytes + kv_tokens * self.kv_bytes_per_token
+        achieved = moved / decode_s
+        return {
+            "workload": name,
+            "requests": len(prompts),
+            "output_tokens": tokens,
+            "wall_s": round(wall, 3),
+            "output_tok_s": round(tokens / wall, 1),
+            "decode_s": round(decode_s, 3),
+            "decode_bw_TBps": round(achieved / 1e12, 3),
+            "bw_fraction": round(achieved / self.bandwidth, 3),
+        }
+
+
+def run_batch1(b: Bench) -> list[dict]:
+    row = b.decode_row("batch1 (128 in, 128 out)", [128], [128])
+    row["roofline_tok_s"] = round(b.bandwidth / b.weight_bytes, 1)
+    return [row]
+
+
+def run_batch64(b: Bench) -> list[dict]:
+    return [b.decode_row("batch64 (512 in, 128 out)", [512] * 64, [128] * 64)]
+
+
+def run_random256(b: Bench) -> list[dict]:
+    rng = random.Random(1)
+    ins = [rng.randint(100, 1024) for _ in range(256)]
+    outs = [rng.randint(100, 1024) for _ in range(256)]
+    return [b.decode_row("random256 (100-1024 in/out)", ins, outs)]
+
+
+def prefix_prompts(b: Bench) -> tuple[list[list[int]], list[dict[str, Any]]]:
+    """64 questions of 32 tokens after one shared 2,000-token prefix, 32 new tokens each."""
+    rng = random.Random(2)
+    prefix = [rng.randrange(100, b.vocab) for _ in range(2000)]
+    prompts = [prefix + [rng.randrange(100, b.vocab) for _ in range(32)] for _ in range(64)]
+    return prompts, [{"temperature": 0, "ignore_eos": True, "max_new_tokens": 32}] * 64
+
+
+def time_prefix(b: Bench) -> tuple[float, float]:
+    """Seconds for the prefix workload on a cold cache, and the cache hit rate."""
+    prompts, params = prefix_prompts(b)
+    b.timed(prompts[:1], params[:1])  # warm-up
+    before = b.engine.get_stats()
+    seconds, _ = b.timed(prompts, params)
+    after = b.engine.get_stats()
+    prompt_tokens = after["prompt_tokens"] - before["prompt_tokens"]
+    return seconds, (after["cached_tokens"] - before["cached_tokens"]) / prompt_tokens
+
+
+def run_json64(b: Bench) -> list[dict]:
+    """Batch 64, 128 new tokens: a JSON schema (jump-forward off, so every token is a masked
+    decode step) against unconstrained generation."""
+    prompts = b.prompts([256] * 64)
+    free = [{"temperature": 0, "ignore_eos": True, "max_new_tokens": 128}] * 64
+    constrained = [{"temperature": 0, "max_new_tokens": 128, "json_schema": JSON_SCHEMA}] * 64
+    b.timed(prompts, constrained)  # compiles the schema, builds the masks it visits
+    prompts = b.prompts([256] * 64)  # measured on other prompts than the warm-up
+    free_s, free_out = b.timed(prompts, free)
+    cons_s, cons_out = b.timed(prompts, constrained)
+    free_tok = sum(len(o["output_ids"]) for o in free_out)
+    cons_tok = sum(len(o["output_ids"]) for o in cons_out)
+    return [
+        {
+            "workload": "json64 (batch 64, 128 out)",
+            "free_tok_s": round(free_tok / free_s, 1),
+            "json_tok_s": round(cons_tok / cons_s, 1),
+            "json_tokens": cons_tok,
+            "overhead": round((free_tok / free_s) / (cons_tok / cons_s) - 1, 3),
+        }
+    ]
+
+
+def free_gpu_memory() -> None:
+    """Give the memory of engines no longer referenced back to the device."""
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokenizer", type=Path, required=True, help="SmolLM2 tokenizer folder")
+    parser.add_argument("--only", default="batch1,batch64,random256,prefix,json64,small")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    only = set(args.only.split(","))
+    device = torch.cuda.get_device_name()
+    bandwidth = copy_bandwidth()
+    print(f"# {device}; copy bandwidth {bandwidth / 1e12:.2f} TB/s; torch {torch.__version__}")
+    root = Path(tempfile.mkdtemp())
+    results: dict[str, Any] = {"device": device, "copy_bandwidth_TBps": bandwidth / 1e12}
+    big = model_dir(LLAMA3_8B, args.tokenizer, root, "llama3-8b")
+
+    def make_engine(**options: Any) -> Engine:
+        options.setdefault("max_running_requests", 256)
+        return Engine(str(big), device="cuda", load_format="dummy", **options)
+
+    rows: list[dict] = []
+    start = time.perf_counter()
+    engine = make_engine()
+    print(
+        f"# Llama-3-8B-shaped engine ready in {time.perf_counter() - start:.1f} s, "
+        f"{engine.config.max_total_tokens} KV slots"
+    )
+    bench = Bench(engine, bandwidth)
+    for name, fn in (
+        ("batch1", run_batch1),
+        ("batch64", run_batch64),
+        ("random256", run_random256),
+        ("json64", run_json64),
+    ):
+        if name in only:
+            rows += fn(bench)
+            print(json.dumps(rows[-1]), flush=True)
+    if "prefix" in only:
+        on_s, hit = time_prefix(bench)
+    engine.shutdown()
+    del bench, engine
+    free_gpu_memory()
+    if "prefix" in only:
+        off = make_engine(disable_radix_cache=True)
+        off_s, _ = time_prefix(Bench(off, bandwidth))
+        off.shutdown()
+        del off
+        free_gpu_memory()
+        rows.append(
+            {
+                "workload": "prefix (64 q x 32 after a shared 2000, 32 out)",
+                "radix_on_s": round(on_s, 3),
+                "radix_off_s": round(off_s, 3),
+                "speedup": round(off_s / on_s, 2),
+                "cache_hit_rate_on": round(hit, 3),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    if "small" in only:
+        small = Engine(
+            str(model_dir(SMOLLM2_135M, args.tokenizer, root, "smollm2-135m")),
+            device="cuda",
+            load_format="dummy",
+        )
+        sb = Bench(small, bandwidth)
+        for row in run_batch1(sb) + run_batch64(sb):
+            row["workload"] = "SmolLM2-135M " + row["workload"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        small.shutdown()
+    results["rows"] = rows
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

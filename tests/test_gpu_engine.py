@@ -1,0 +1,189 @@
+"""The engine on a CUDA GPU: CUDA graphs, GPU sampling and masks, memory sizing, bf16.
+
+Skipped without CUDA. Tiny random checkpoints (``tests/tiny_models.py``) are compared with
+transformers on the same GPU, so no embedded model is needed: where its package is not
+installed, ``SGL_DSL_TOKENIZER_DIR`` names a folder with SmolLM2's tokenizer files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import write_tiny_model
+
+from backend.engine import Engine
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a land far away,",
+    "def fibonacci(n):",
+    "1, 2, 3, 4,",
+    "A list of fruits:\n-",
+    " ".join(f"item {i}," for i in range(60)),
+]
+GREEDY = {"temperature": 0, "max_new_tokens": 24}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tokenizer_dir = os.environ.get("SGL_DSL_TOKENIZER_DIR")
+    root = tmp_path_factory.mktemp("gpu")
+    return write_tiny_model(root / "llama", "llama", tokenizer_dir=tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir: Path) -> list[list[int]]:
+    """transformers' greedy continuations on the GPU in float32."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).cuda().eval()
+    out = []
+    for prompt in PROMPTS:
+        ids = torch.tensor([tok.encode(prompt)], device="cuda")
+        gen = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=GREEDY["max_new_tokens"],
+            do_sample=False,
+            eos_token_id=2,
+            pad_token_id=2,
+        )
+        out.append(gen[0, ids.shape[1] :].tolist())
+    return out
+
+
+def check_idle(engine: Engine) -> None:
+    engine.wait_idle()
+    acc = engine.check_kv_invariant()
+    assert acc["protected"] == 0 and acc["owned_by_requests"] == 0
+
+
+@pytest.fixture(scope="module")
+def graph_engine(tiny_dir: Path) -> Iterator[Engine]:
+    """float32 on the GPU with CUDA graphs for batch sizes up to 4 (larger: eager)."""
+    with Engine(
+        str(tiny_dir),
+        device="cuda",
+        dtype="float32",
+        max_total_tokens=4096,
+        cuda_graph_max_bs=4,
+        chunked_prefill_size=64,
+    ) as eng:
+        yield eng
+
+
+def test_cuda_graphs_were_captured(graph_engine: Engine) -> None:
+    graphs = graph_engine.scheduler.runner.graphs
+    assert graphs is not None and graphs.sizes == [1, 2, 4]
+
+
+def test_greedy_matches_transformers_with_graphs_and_eager(
+    graph_engine: Engine, reference: list[list[int]]
+) -> None:
+    """6 requests decode eagerly (over 4), then from graphs as they finish; one request
+    alone and three (padded to 4) replay graphs only."""
+    out = graph_engine.generate(PROMPTS, GREEDY)
+    assert [r["output_ids"] for r in out] == reference
+    alone = graph_engine.generate(PROMPTS[1], GREEDY)
+    assert alone["output_ids"] == reference[1]
+    three = graph_engine.generate(PROMPTS[2:5], GREEDY)
+    assert [r["output_ids"] for r in three] == reference[2:5]
+    check_idle(graph_engine)
+
+
+def test_graphs_off_gives_the_same_tokens(tiny_dir: Path, reference: list[list[int]]) -> None:
+    with Engine(
+        str(tiny_dir),
+        device="cuda",
+        dtype="float32",
+        max_total_tokens=4096,
+        disable_cuda_graph=True,
+    ) as eng:
+        assert eng.scheduler.runner.graphs is None
+        out = eng.generate(PROMPTS, GREEDY)
+        assert [r["output_ids"] for r in out] == reference
+        check_idle(eng)
+
+
+def test_seeded_sampling_on_gpu_is_reproducible_across_batches(graph_engine: Engine) -> None:
+    params = {"temperature": 1.0, "top_p": 0.9, "max_new_tokens": 16, "seed": 1234}
+    alone = graph_engine.generate(PROMPTS[0], params)["output_ids"]
+    mixed = graph_engine.generate(
+        PROMPTS[:3], [params, {"temperature": 0.8, "max_new_tokens": 16}, {**params, "seed": 9}]
+    )
+    assert mixed[0]["output_ids"] == alone
+    assert mixed[2]["output_ids"] != alone
+    check_idle(graph_engine)
+
+
+def test_json_schema_on_gpu_validates(graph_engine: Engine) -> None:
+    """Masks applied by the Triton bitmask kernel to CUDA logits, sampled and greedy."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 12},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
+        },
+        "required": ["name", "age", "tags"],
+        "additionalProperties": False,
+    }
+    params = [
+        {"json_schema": schema, "temperature": 0, "max_new_tokens": 96},
+        {"json_schema": schema, "temperature": 1.0, "max_new_tokens": 96, "seed": 3},
+        {"regex": r"[0-9]{3}-[a-z]{4}", "temperature": 1.0, "max_new_tokens": 16},
+    ]
+    out = graph_engine.generate(PROMPTS[:3], params)
+    for r in out[:2]:
+        assert r["meta_info"]["finish_reason"]["type"] == "stop", r
+        value = json.loads(r["text"])
+        assert set(value) == {"name", "age", "tags"}
+        assert len(value["name"]) <= 12 and 0 <= value["age"] <= 120
+        assert set(value["tags"]) <= {"a", "b", "c"} and len(value["tags"]) <= 3
+    import re
+
+    assert re.fullmatch(r"[0-9]{3}-[a-z]{4}", out[2]["text"])
+    check_idle(graph_engine)
+
+
+def test_bfloat16_default_runs_and_matches_first_tokens(
+    tiny_dir: Path, reference: list[list[int]]
+) -> None:
+    """bf16 (the CUDA default) with graphs: the first token of each prompt (argmax of a
+    well-separated distribution for this peaky model) agrees with float32 transformers."""
+    with Engine(str(tiny_dir), device="cuda", max_total_tokens=4096) as eng:
+        assert eng.model.lm_head.weight.dtype == torch.bfloat16
+        out = eng.generate(PROMPTS, {**GREEDY, "ignore_eos": True})
+        assert all(len(r["output_ids"]) == GREEDY["max_new_tokens"] for r in out)
+        agree = sum(r["output_ids"][0] == ref[0] for r, ref in zip(out, reference))
+        assert agree >= len(PROMPTS) - 1
+        check_idle(eng)
+
+
+def test_kv_pool_sized_from_free_gpu_memory(tiny_dir: Path) -> None:
+    free, total = torch.cuda.mem_get_info()
+    with Engine(str(tiny_dir), device="cuda", mem_fraction_static=0.3) as eng:
+        per_slot = eng.pool.bytes_per_slot()
+        expected = (total * 0.3 - (total - free)) / per_slot
+        # the weights and the engine's own buffers came out of the same budget
+        assert 0.9 * expected < eng.config.max_total_tokens <= expected
+        assert eng.generate(PROMPTS[0], GREEDY)["output_ids"]
+    used_fraction = (total - free) / total
+    with pytest.raises(ValueError, match="mem_fraction_static"):
+        Engine(str(tiny_dir), device="cuda", mem_fraction_static=max(used_fraction / 2, 1e-3))
+
+
+def test_dummy_weights_load_on_gpu(tiny_dir: Path) -> None:
+    with Engine(str(tiny_dir), device="cuda", load_format="dummy", max_total_tokens=2048) as eng:
+        assert eng.model.lm_head.weight.is_cuda
+        out = eng.generate(PROMPTS[:2], {**GREEDY, "ignore_eos": True})
+        assert all(len(r["output_ids"]) == GREEDY["max_new_tokens"] for r in out)
+        check_idle(eng)
