@@ -44,23 +44,42 @@ class KVPool:
         self.k_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self._free = torch.arange(1, num_slots + 1, dtype=torch.int64)
+        # Freed slots wait here and join `_free` (after it, in order) when an allocation
+        # needs them: freeing costs O(freed), not a copy of the whole free list.
+        self._freed: list[torch.Tensor] = []
+        self._num_freed = 0
 
     @property
     def num_free(self) -> int:
-        return int(self._free.numel())
+        return int(self._free.numel()) + self._num_freed
 
     def alloc(self, n: int) -> torch.Tensor | None:
-        """Take ``n`` free slots (lowest indices first, so fresh runs are contiguous)."""
+        """Take ``n`` free slots (lowest indices first, so fresh runs are contiguous; then
+        the freed ones in the order they were freed)."""
         if n > self._free.numel():
-            return None
+            if n > self.num_free:
+                return None
+            self._merge_freed()
         taken, self._free = self._free[:n], self._free[n:]
         return taken
 
     def free(self, slots: torch.Tensor) -> None:
         if slots.numel():
-            self._free = torch.cat([self._free, slots.to(torch.int64).cpu()])
+            self._freed.append(slots.to(torch.int64).cpu())
+            self._num_freed += int(slots.numel())
+
+    def _merge_freed(self) -> None:
+        if self._freed:
+            self._free = torch.cat([self._free, *self._freed])
+            self._freed, self._num_freed = [], 0
+
+    def free_slots(self) -> list[int]:
+        """Every free slot (for accounting checks)."""
+        self._merge_freed()
+        return self._free.tolist()
 
     def has_duplicate_free_slots(self) -> bool:
+        self._merge_freed()
         return int(self._free.unique().numel()) != int(self._free.numel())
 
     def bytes_per_slot(self) -> int:

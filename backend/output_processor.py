@@ -75,6 +75,8 @@ class OutputProcessor:
         req.detokenizer = self._detokenizer(req, req.input_ids)
         stops = p.stop or p.stop_regex
         req.stop_matcher = StopStringMatcher(p.stop, p.stop_regex) if stops else None
+        # Nobody reads the text before the end: detokenize once then, not per token.
+        req.defer_text = not (req.stream or stops or p.constraint is not None)
 
     def _detokenizer(self, req: Req, context_ids: list[int]) -> IncrementalDetokenizer:
         """A detokenizer for the text after `context_ids`."""
@@ -146,8 +148,11 @@ class OutputProcessor:
         if may_stop and (
             tok in p.stop_token_ids or (tok in self.eos_token_ids and not p.ignore_eos)
         ):
-            req.text += req.detokenizer.flush()
+            self._flush_text(req)
             return {"type": "stop", "matched": tok}
+        if req.defer_text:
+            req.deferred_ids.append(tok)
+            return self._constraint_or_length_end(req)
         new_text = req.detokenizer.push([tok])
         req.text += new_text
         if may_stop and req.stop_matcher is not None and new_text:
@@ -170,12 +175,21 @@ class OutputProcessor:
         assert req.detokenizer is not None
         n = len(req.output_ids)
         if req.guide is not None and req.guide.is_terminal(req.fsm_state):
-            req.text += req.detokenizer.flush()
+            self._flush_text(req)
             return {"type": "stop", "matched": None}
         if n >= req.params.max_new_tokens or len(req.input_ids) + n >= self.context_len:
-            req.text += req.detokenizer.flush()
+            self._flush_text(req)
             return {"type": "length", "length": n}
         return None
+
+    @staticmethod
+    def _flush_text(req: Req) -> None:
+        """Append the rest of the output's text to ``req.text`` (deferred tokens included)."""
+        assert req.detokenizer is not None
+        if req.deferred_ids:
+            req.text += req.detokenizer.push(req.deferred_ids)
+            req.deferred_ids = []
+        req.text += req.detokenizer.flush()
 
     def replace_tail(self, req: Req, keep: int, ids: list[int]) -> dict[str, Any] | None:
         """Jump-forward: replace ``output_ids[keep:]`` by ``ids`` (the same bytes followed by
@@ -213,6 +227,8 @@ class OutputProcessor:
         return self._constraint_or_length_end(req)
 
     def finish(self, req: Req, reason: dict[str, Any]) -> None:
+        if req.deferred_ids:  # ended from outside (abort): the text so far
+            self._flush_text(req)
         req.status = ReqStatus.FINISHED
         req.finish_reason = reason
         self.send(req)

@@ -79,6 +79,10 @@ class Req:
     detokenizer: IncrementalDetokenizer | None = None
     stop_matcher: StopStringMatcher | None = None
     text: str = ""
+    # Tokens not yet detokenized: a request that neither streams nor has stop strings or a
+    # constraint gets its text once, when it finishes (see OutputProcessor.start).
+    defer_text: bool = False
+    deferred_ids: list[int] = field(default_factory=list)
     sent_text_len: int = 0
     sent_tokens: int = 0
     finish_reason: dict[str, Any] | None = None

@@ -369,8 +369,8 @@ class Scheduler:
         slots = self._alloc(len(reqs))
         assert slots is not None, "decode slots were reserved by _make_room_for_decode"
         rows = [r.row for r in reqs]
-        for req, slot in zip(reqs, slots.tolist()):
-            self.table.table[req.row, req.num_kv] = slot
+        self.table.table[rows, [r.num_kv for r in reqs]] = slots  # one store for the batch
+        for req in reqs:
             req.num_kv += 1
         logits = self.runner.decode_logits(
             rows, [r.num_kv for r in reqs], [r.output_ids[-1] for r in reqs]

@@ -138,8 +138,11 @@ class Bench:
         params = [{**base, "max_new_tokens": n} for n in out_lens]
         self.timed(prompts[:2], params[:2])  # warm-up (first kernels of these shapes)
         prefill_s, _ = self.timed(prompts, [{**p, "max_new_tokens": 1} for p in params])
+        before = self.engine.get_stats()
         wall, out = self.timed(prompts, params)
+        after = self.engine.get_stats()
         tokens = sum(len(o["output_ids"]) for o in out)
+        decode_steps = after["forward_steps"]["decode"] - before["forward_steps"]["decode"]
         steps = max(out_lens) - 1
         decode_s = max(wall - prefill_s, 1e-9)
         # KV read per step: each running request's context at that step.
@@ -153,8 +156,13 @@ class Bench:
             "wall_s": round(wall, 3),
             "output_tok_s": round(tokens / wall, 1),
             "decode_s": round(decode_s, 3),
+            "decode_tok_s": round((tokens - len(prompts)) / decode_s, 1),
             "decode_bw_TBps": round(achieved / 1e12, 3),
             "bw_fraction": round(achieved / self.bandwidth, 3),
+            "decode_steps": decode_steps,
+            "prefill_steps": after["forward_steps"]["prefill"] - before["forward_steps"]["prefill"],
+            "mean_decode_batch": round((tokens - len(prompts)) / max(decode_steps, 1), 1),
+            "retractions": after["retractions"] - before["retractions"],
         }
 
 

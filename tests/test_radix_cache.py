@@ -586,7 +586,7 @@ class RadixCacheMachine(RuleBasedStateMachine):
             self.pool.num_free + cache.evictable_size + cache.protected_size + len(running_owned)
             == NUM_SLOTS
         )
-        free = self.pool._free.tolist()  # the pool exposes no public view of its free list
+        free = self.pool.free_slots()
         in_tree = list(self.ref.values())
         everything = free + in_tree + running_owned
         assert len(everything) == len(set(everything)), "a slot is in two places at once"
