@@ -487,8 +487,10 @@ def _decode_reduce_kernel(
 
 
 def default_decode_block_n(device: torch.device) -> int:
-    """Keys per inner iteration of the decode kernel: 16 under the interpreter, 64 on CUDA."""
-    return 16 if is_interpreted() or device.type != "cuda" else 64
+    """Keys per inner iteration of the decode kernel: 16 under the interpreter, 128 on CUDA
+    (on an H100, 128 beat 32 and 64 by 8-15% at batch 160-256 with 500-2,000-token contexts
+    and tied them at batch 64 x 512: `benchmarks/tune_decode_attention.py`)."""
+    return 16 if is_interpreted() or device.type != "cuda" else 128
 
 
 def choose_num_kv_splits(
