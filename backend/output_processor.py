@@ -76,7 +76,7 @@ class OutputProcessor:
         stops = p.stop or p.stop_regex
         req.stop_matcher = StopStringMatcher(p.stop, p.stop_regex) if stops else None
         # Nobody reads the text before the end: detokenize once then, not per token.
-        req.defer_text = not (req.stream or stops or p.constraint is not None)
+        req.defer_text = not (req.stream or stops)
 
     def _detokenizer(self, req: Req, context_ids: list[int]) -> IncrementalDetokenizer:
         """A detokenizer for the text after `context_ids`."""
@@ -207,7 +207,8 @@ class OutputProcessor:
         for tok in req.output_ids[before:]:
             req.sampling.observe(tok)
         self.stats.generated_tokens += len(req.output_ids) - before
-        old_text = req.text + req.detokenizer.flush()
+        self._flush_text(req)  # deferred tokens included
+        old_text = req.text
         p = req.params
         req.detokenizer = self._detokenizer(req, req.input_ids + req.output_ids)
 
