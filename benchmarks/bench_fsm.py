@@ -18,7 +18,10 @@ one worker is busy at any moment. A worker that passes the compile limit or cras
 and restarted; the schema counts as not compiled. Settings of each decoder: benchmarks/fsm_peers.py.
 
     .venv/bin/python benchmarks/bench_fsm.py [--per-subset 50] [--subsets A B] [--peers A B]
-        [--timeout 10] [--json benchmarks/results/fsm.json]
+        [--timeout 10] [--json benchmarks/results/fsm.json] [--explain]
+
+``--explain`` also lists, per decoder, every valid instance it rejected and why: the compile
+error of its schema (grouped by message), or the token where its walk stopped, in context.
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import re
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -95,25 +100,30 @@ def _worker(peer_name: str, conn: Connection) -> None:
 
 def _walk_all(
     peer: Peer, compiled: Any, valid_ids: list[list[int]], invalid_ids: list[list[int]]
-) -> tuple[list[bool], list[bool], np.ndarray, str | None]:
-    """Walk every instance: valid and invalid acceptance, mask times of the valid walks, and
-    the first error raised by a walk (such a walk counts as rejected)."""
+) -> tuple[list[bool], list[bool], np.ndarray, str | None, list[int | None]]:
+    """Walk every instance: valid and invalid acceptance, mask times of the valid walks, the
+    first error raised by a walk (such a walk counts as rejected), and per valid instance the
+    index of the token its walk stopped at (None if accepted or the walk raised)."""
     times: list[float] = []
     errors: list[str] = []
+    stops: list[int | None] = []
 
     def accepts(ids: list[int], timed: bool) -> bool:
         try:
             ok, seconds = peer.walk(compiled, ids)
         except Exception as error:
             errors.append(_describe(error))
+            stops.append(None)
             return False
         if timed:
             times.extend(seconds)
+        stops.append(None if ok else len(seconds) - 1)
         return ok
 
     valid_ok = [accepts(ids, timed=True) for ids in valid_ids]
+    valid_stops = stops[: len(valid_ids)]
     invalid_ok = [accepts(ids, timed=False) for ids in invalid_ids]
-    return valid_ok, invalid_ok, np.asarray(times), errors[0] if errors else None
+    return valid_ok, invalid_ok, np.asarray(times), errors[0] if errors else None, valid_stops
 
 
 # ---- main process ---------------------------------------------------------------------------
@@ -173,6 +183,7 @@ class PeerProcess:
             "valid_accepted": [False] * n_valid,
             "invalid_accepted": [False] * n_invalid,
             "walk_error": None,
+            "valid_stops": [None] * n_valid,
             "mask_s": np.empty(0),
         }
         self._conn.send(job)
@@ -189,8 +200,10 @@ class PeerProcess:
         if reply is None:
             record["walk_error"] = self._fail("walk", WALK_TIMEOUT_S)
             return record
-        _, record["valid_accepted"], record["invalid_accepted"], record["mask_s"], error = reply
-        record["walk_error"] = error
+        _, record["valid_accepted"], record["invalid_accepted"], record["mask_s"], error, stops = (
+            reply
+        )
+        record["walk_error"], record["valid_stops"] = error, stops
         return record
 
     def stop(self) -> None:
@@ -248,6 +261,43 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         "compile_timeouts": sum(r["compile_timeout"] for r in records),
         "walk_errors": sum(r["walk_error"] is not None for r in records),
     }
+
+
+def _cause(error: str) -> str:
+    """A compile error without its location, so that equal causes group together."""
+    return re.sub(r"^(\w+: )?json_schema at \S+: ", "", error)[:120]
+
+
+def explain(
+    tokenizer: Any, records: list[dict[str, Any]], jobs: dict[tuple[str, str], Job]
+) -> None:
+    """Print, per decoder, each rejected valid instance and why (see the module docstring),
+    then the number of rejected instances per cause."""
+    for peer in dict.fromkeys(r["peer"] for r in records):
+        print(f"\nrejected valid instances, {peer}:")
+        causes: Counter[str] = Counter()
+        for r in records:
+            if r["peer"] != peer:
+                continue
+            where = f"{r['subset']}/{r['unique_id']}"
+            missed = [i for i, ok in enumerate(r["valid_accepted"]) if not ok]
+            if missed and not r["compiled"]:
+                causes[_cause(r["error"] or "compile failed")] += len(missed)
+                print(f"  {where}: {len(missed)} not compiled: {r['error']}")
+                continue
+            for i in missed:
+                stop = r["valid_stops"][i]
+                if stop is None:
+                    causes["walk raised"] += 1
+                    print(f"  {where} #{i}: walk raised: {r['walk_error']}")
+                    continue
+                ids = jobs[r["subset"], r["unique_id"]][1][i]
+                before = tokenizer.decode(ids[max(stop - 12, 0) : stop])
+                token = tokenizer.decode(ids[stop : stop + 1])
+                causes["rejected during the walk"] += 1
+                print(f"  {where} #{i}: token {stop} refused: ...{before!r} >> {token!r}")
+        for cause, n in causes.most_common():
+            print(f"  {n:4d}  {cause}")
 
 
 def machine_info() -> dict[str, Any]:
@@ -310,6 +360,7 @@ def main() -> None:
     parser.add_argument("--peers", nargs="+", choices=list(PEERS), default=list(PEERS))
     parser.add_argument("--timeout", type=float, default=10.0, help="compile limit (s)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="results file")
+    parser.add_argument("--explain", action="store_true", help="list rejected valid instances")
     args = parser.parse_args()
 
     machine = machine_info()
@@ -366,6 +417,8 @@ def main() -> None:
         print_table("TOTAL", total)
     for name, note in notes.items():
         print(f"note: {name} was skipped: {note}")
+    if args.explain:
+        explain(tokenizer, records, {(c.subset, c.unique_id): j for c, j in zip(cases, jobs)})
 
     result = {
         "machine": machine,

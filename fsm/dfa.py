@@ -10,12 +10,13 @@ the arrays (it returns False when the capacity is too small, and the caller call
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 from fsm.terms import TermStore
 
 DEAD = -1
-_BYTE_BITS = np.arange(256, dtype=np.uint16)
 
 
 class LazyDFA:
@@ -60,7 +61,7 @@ class LazyDFA:
         for mask, succ in self.store.row(self._terms[state]):
             target = self.state_of(succ)
             if target != DEAD:
-                row[_mask_to_bool(mask)] = target
+                row[_mask_to_bytes(mask)] = target
         self.row_ready[state] = 1
         return True
 
@@ -109,7 +110,11 @@ class LazyDFA:
         return forced
 
 
-def _mask_to_bool(mask: int) -> np.ndarray:
-    """The 256-bit integer `mask` as a boolean array indexed by byte."""
+@lru_cache(maxsize=1 << 14)
+def _mask_to_bytes(mask: int) -> np.ndarray:
+    """The bytes set in the 256-bit integer `mask`, ascending (read-only; cached, as the
+    derivative classes of a grammar repeat from state to state)."""
     words = np.frombuffer(mask.to_bytes(32, "little"), dtype=np.uint8)
-    return np.unpackbits(words, bitorder="little").astype(bool)
+    out = np.flatnonzero(np.unpackbits(words, bitorder="little"))
+    out.setflags(write=False)
+    return out

@@ -28,7 +28,7 @@ import json
 import math
 import re
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -40,11 +40,23 @@ from jsonschema import validators
 from fsm import charset as cs
 from fsm.errors import ConstraintError
 from fsm.formats import format_regex
+from fsm.json_members import members_term
+from fsm.json_oneof import (
+    ANY,
+    SCALARS,
+    TYPES,
+    Summary,
+    disjoint,
+    json_equal,
+    json_type,
+    meet,
+    separator,
+    union,
+)
 from fsm.numeric import integer_range_regex, number_range_regex
 from fsm.regex import regex_term
 from fsm.terms import EMPTY, EPS, TermStore
 
-TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 _KEYWORD_TYPES = {
     "properties": "object", "required": "object", "additionalProperties": "object",
     "patternProperties": "object", "propertyNames": "object", "minProperties": "object",
@@ -66,6 +78,7 @@ _UNSUPPORTED = {
 }
 _MAX_ALTERNATIVES = 64
 _MAX_PATTERN_REGIONS = 3
+_MAX_UNIQUE_VALUES = 32
 
 
 @dataclass
@@ -75,7 +88,7 @@ class Options:
     whitespace: str | None = None
     extra_properties: bool = True  # False: no undeclared keys unless the schema asks for them
     max_ref_depth: int = 3
-    any_value_depth: int = 3
+    any_value_depth: int = 8
     deadline: float = math.inf  # time.monotonic() limit
 
 
@@ -113,12 +126,43 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
+class _ValueSet:
+    """JSON values, looked up by JSON equality (`json_equal`) through a hash of each."""
+
+    def __init__(self, values: list[Any] | None = None) -> None:
+        self._buckets: defaultdict[str, list[Any]] = defaultdict(list)
+        for value in values or ():
+            self.add(value)
+
+    def add(self, value: Any) -> None:
+        self._buckets[_enum_key(value)].append(value)
+
+    def __contains__(self, value: Any) -> bool:
+        return any(json_equal(value, w) for w in self._buckets.get(_enum_key(value), ()))
+
+
+def _enum_key(value: Any) -> str:
+    """A text equal for JSON-equal values (1 and 1.0 alike; key order ignored)."""
+
+    def norm(x: Any) -> Any:
+        if isinstance(x, float) and x.is_integer():
+            return int(x)
+        if isinstance(x, list):
+            return [norm(y) for y in x]
+        if isinstance(x, dict):
+            return {k: norm(y) for k, y in x.items()}
+        return x
+
+    return json.dumps(norm(value), sort_keys=True)
+
+
 class _Translator:
     def __init__(self, store: TermStore, root: dict | bool, options: Options) -> None:
         self.s = store
         self.root_schema = root
         self.opt = options
         self._memo: dict[tuple, tuple[Any, int]] = {}
+        self._summaries: dict[tuple, tuple[Any, Summary]] = {}
         self._any: dict[int, int] = {}
         self._ref_stack: list[str] = []
         self._reached: Counter[str] = Counter()
@@ -325,26 +369,40 @@ class _Translator:
                 candidates = vals
         if candidates is None:
             return None
-        out = []
+        # enum/const membership by hashing (jsonschema's own check is linear per value)
+        checks = []
+        for member, mpath in members:
+            rest = {k: x for k, x in member.items() if k not in ("enum", "const")}
+            checks.append(self._validator.evolve(schema=rest).is_valid)
+            if "const" in member:
+                checks.append(_ValueSet([member["const"]]).__contains__)
+            if "enum" in member:
+                if not isinstance(member["enum"], list):
+                    raise self.error(mpath, "'enum' must be an array")
+                checks.append(_ValueSet(member["enum"]).__contains__)
+        out, seen = [], _ValueSet()
         for v in candidates:
-            valid = all(self._validator.evolve(schema=m).is_valid(v) for m, _ in members)
-            if valid and not any(_json_equal(v, w) for w in out):
+            if time.monotonic() > self.opt.deadline:
+                raise ConstraintError("json_schema compilation ran out of time")
+            if v not in seen and all(check(v) for check in checks):
+                seen.add(v)
                 out.append(v)
         return out
 
     def allowed_types(self, members: list[tuple[dict, str]], *, implied: bool = True) -> list[str]:
-        """Types every member admits; with `implied`, a member without `type` admits only the
-        types its keywords describe (a narrowing used for generation, not for reasoning
-        about which values validate)."""
+        """Types every member admits; with `implied` and no member declaring `type`, a member
+        admits only the types its keywords describe (a narrowing used for generation, not for
+        reasoning about which values validate)."""
         allowed = set(TYPES)
+        implied = implied and not any("type" in m for m, _ in members)
         for member, mpath in members:
             declared = member.get("type")
             if declared is None:
                 if not implied:
                     continue
-                implied = {_KEYWORD_TYPES[k] for k in member if k in _KEYWORD_TYPES}
-                if implied:
-                    allowed &= implied | ({"integer"} if "number" in implied else set())
+                described = {_KEYWORD_TYPES[k] for k in member if k in _KEYWORD_TYPES}
+                if described:
+                    allowed &= described | ({"integer"} if "number" in described else set())
                 continue
             names = [declared] if isinstance(declared, str) else declared
             if not isinstance(names, list) or any(n not in TYPES for n in names):
@@ -485,17 +543,66 @@ class _Translator:
             for i in range(len(items), len(prefix)):
                 prefix[i].append(tail)
             rest.append(tail)
-        unique = any(m.get("uniqueItems") is True for m, _ in members)
-        if unique and (hi is None or hi > 1):
-            raise self.error(
-                path, "'uniqueItems' is not supported: an automaton cannot compare items"
-            )
-        item_terms = [self._all_of(subs, f"{path}/items/{i}") for i, subs in enumerate(prefix)]
-        rest_term = self._all_of(rest, f"{path}/items")
         if hi is not None and hi < lo:
             return EMPTY
+        unique = any(m.get("uniqueItems") is True for m, _ in members)
+        if unique and (hi is None or hi > 1):
+            return self._unique_array(prefix, rest, lo, hi, path)
+        item_terms = [self._all_of(subs, f"{path}/items/{i}") for i, subs in enumerate(prefix)]
+        rest_term = self._all_of(rest, f"{path}/items")
         body = self._array_body(item_terms, rest_term, lo, hi)
         return s.seq(s.literal(b"["), self.ws, body, self.ws, s.literal(b"]"))
+
+    def _unique_array(
+        self, prefix: list[list[Any]], rest: list[Any], lo: int, hi: int | None, path: str
+    ) -> int:
+        """An array with `uniqueItems`, for items with finitely many values: the items are
+        the literals of those values, and no literal may occur twice (JSON values are
+        self-delimiting, so a repeated literal is a repeated item)."""
+        s = self.s
+        domain = None if prefix else self._finite_domain(rest, f"{path}/items")
+        if domain is None or len(domain) > _MAX_UNIQUE_VALUES:
+            raise self.error(
+                path,
+                "'uniqueItems' is supported only for items with at most "
+                f"{_MAX_UNIQUE_VALUES} possible values (enum, const, boolean, null): an "
+                "automaton cannot compare arbitrary items",
+            )
+        schema = {"allOf": rest}
+        literals = [s.literal(self._dumps(v, schema, path).encode()) for v in domain]
+        item = s.alt(*literals)
+        open_, close = s.seq(s.literal(b"["), self.ws), s.seq(self.ws, s.literal(b"]"))
+        array = s.seq(open_, self._array_body([], item, lo, hi), close)
+        before = s.star(s.seq(item, self.comma))
+        # Past the second copy anything goes, so a state with a repeated item dies at once.
+        end = s.seq(self.ws, s.byteset(1 << ord(",") | 1 << ord("]")), s.anything)
+        twice = [s.seq(open_, before, v, self.comma, before, v, end) for v in literals]
+        return s.and_(array, s.not_(s.alt(*twice)))
+
+    def _finite_domain(self, schemas: list[Any], path: str) -> list[Any] | None:
+        """Every value valid against all of `schemas` (the alternatives this translation
+        generates) when each alternative lists its values (`enum`, `const`) or admits only
+        booleans and null; None otherwise."""
+        schemas = [x for x in schemas if x is not True and x != {}]
+        if not schemas:
+            return None
+        out: list[Any] = []
+        try:
+            conjs = self.alternatives({"allOf": schemas}, path)
+        except ConstraintError:  # reported as the uniqueItems refusal
+            return None
+        for conj in conjs:
+            values = self.finite_values(conj)
+            if values is None:
+                if not set(self.allowed_types(conj, implied=False)) <= {"boolean", "null"}:
+                    return None
+                values = [
+                    v
+                    for v in (True, False, None)
+                    if all(self._validator.evolve(schema=m).is_valid(v) for m, _ in conj)
+                ]
+            out.extend(v for v in values if not any(json_equal(v, w) for w in out))
+        return out
 
     def _array_body(self, items: list[int], rest: int, lo: int, hi: int | None) -> int:
         s = self.s
@@ -599,31 +706,14 @@ class _Translator:
                 continue
             pairs.append((s.seq(s.literal(_dumps(key).encode()), self.colon, value), required))
         extra = self.extra_members(obj, extra_rules, names, path)
-        term = s.seq(
-            s.literal(b"{"), self.ws, self._members(pairs, extra), self.ws, s.literal(b"}")
-        )
-        if self._needs_member(members, len(obj.required)):
-            term = s.and_(term, s.not_(s.seq(s.literal(b"{"), self.ws, s.literal(b"}"))))
-        return term
-
-    def _members(self, pairs: list[tuple[int, bool]], extra: int) -> int:
-        """Members in order, optional ones skippable, `extra` pairs after them, commas between."""
-        s = self.s
-        if extra == EMPTY:
-            after_first = before_first = EPS
-        else:
-            extras = s.seq(extra, s.star(s.seq(self.comma, extra)))
-            before_first = s.optional(extras)
-            after_first = s.optional(s.seq(self.comma, extras))
-        for pair, required in reversed(pairs):
-            with_first = s.seq(pair, after_first)
-            with_later = s.seq(self.comma, pair, after_first)
-            if required:
-                before_first, after_first = with_first, with_later
-            else:
-                before_first = s.alt(with_first, before_first)
-                after_first = s.alt(with_later, after_first)
-        return before_first
+        lo, hi = self._property_bounds(members)
+        if lo <= len(obj.required):
+            lo = 0  # the required keys are always there
+        try:
+            body = members_term(s, pairs, extra, self.comma, lo, hi)
+        except ConstraintError as e:
+            raise self.error(path, f"'minProperties'/'maxProperties': {e}") from None
+        return s.seq(s.literal(b"{"), self.ws, body, self.ws, s.literal(b"}"))
 
     def extra_members(self, obj: _Object, rules: list, names: list, path: str) -> int:
         """Term for one undeclared '"key":value' pair (EMPTY when none is allowed)."""
@@ -671,17 +761,14 @@ class _Translator:
     def _key_pattern(self, pattern: str, path: str) -> int:
         return self.s.seq(self.quote, self.pattern(pattern, path, search=True), self.quote)
 
-    def _needs_member(self, members: list[tuple[dict, str]], required: int) -> bool:
-        """Whether `minProperties` asks for a non-empty object beyond the required keys."""
-        needs = False
+    def _property_bounds(self, members: list[tuple[dict, str]]) -> tuple[int, int | None]:
+        """The tightest `minProperties` and `maxProperties` (None: unbounded) of `members`."""
+        lo, hi = 0, None
         for member, mpath in members:
-            mn = _int_keyword(member, "minProperties", mpath, self) or 0
-            if mn > max(required, 1):
-                raise self.error(mpath, f"'minProperties' {mn} above the required keys")
-            needs |= mn > required
-            if _int_keyword(member, "maxProperties", mpath, self) is not None:
-                raise self.error(mpath, "'maxProperties' is not supported")
-        return needs
+            lo = max(lo, _int_keyword(member, "minProperties", mpath, self) or 0)
+            mx = _int_keyword(member, "maxProperties", mpath, self)
+            hi = mx if hi is None else (hi if mx is None else min(hi, mx))
+        return lo, hi
 
     # ------------------------------------------------------------------ free-form values
 
@@ -694,25 +781,22 @@ class _Translator:
         if term is not None:
             return term
         s = self.s
-        scalars = [
-            self.any_string(),
-            self._regex(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"),
-            s.literal(b"true"),
-            s.literal(b"false"),
-            s.literal(b"null"),
-        ]
-        if depth > 0:
-            inner = self.any_value(depth - 1)
-            items = s.seq(inner, s.star(s.seq(self.comma, inner)))
-            pair = s.seq(self.any_string(), self.colon, inner)
-            pairs = s.seq(pair, s.star(s.seq(self.comma, pair)))
-            scalars.append(
-                s.seq(s.literal(b"["), self.ws, s.optional(items), self.ws, s.literal(b"]"))
+        if depth <= 0:
+            term = self._any[depth] = s.alt(
+                self.any_string(),
+                self._regex(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"),
+                s.literal(b"true"),
+                s.literal(b"false"),
+                s.literal(b"null"),
             )
-            scalars.append(
-                s.seq(s.literal(b"{"), self.ws, s.optional(pairs), self.ws, s.literal(b"}"))
-            )
-        term = self._any[depth] = s.alt(*scalars)
+            return term
+        inner = self.any_value(depth - 1)
+        items = s.seq(inner, s.star(s.seq(self.comma, inner)))
+        pair = s.seq(self.any_string(), self.colon, inner)
+        pairs = s.seq(pair, s.star(s.seq(self.comma, pair)))
+        array = s.seq(s.literal(b"["), self.ws, s.optional(items), self.ws, s.literal(b"]"))
+        obj = s.seq(s.literal(b"{"), self.ws, s.optional(pairs), self.ws, s.literal(b"}"))
+        term = self._any[depth] = s.alt(self.any_value(0), array, obj)
         return term
 
     # ------------------------------------------------------------------ oneOf
@@ -730,15 +814,13 @@ class _Translator:
         extra: list[list[dict]] = [[] for _ in subs]
         for i in range(len(subs)):
             for j in range(len(subs)):
-                if i == j or _disjoint(infos[i], infos[j]):
+                if i == j or disjoint(infos[i], infos[j]):
                     continue
-                if infos[i].get("values") is not None:  # keep the values that fail branch j
+                if infos[i].values is not None:  # keep the values that fail branch j
                     check = self._validator.evolve(schema=subs[j])
-                    extra[i].append(
-                        {"enum": [v for v in infos[i]["values"] if not check.is_valid(v)]}
-                    )
+                    extra[i].append({"enum": [v for v in infos[i].values if not check.is_valid(v)]})
                     continue
-                restriction = _separator(infos[i], infos[j])
+                restriction = separator(infos[i], infos[j])
                 if restriction is None:
                     raise self.error(
                         path,
@@ -748,32 +830,69 @@ class _Translator:
                 extra[i].append(restriction)
         return extra
 
-    def _branch_info(self, sub: Any, path: str, depth: int = 2) -> dict:
-        """What a branch admits, for proving branches disjoint: types, finite values,
-        required keys, the keys of a closed object, and the same for its properties
-        (`depth` levels down)."""
+    def _branch_info(self, sub: Any, path: str, depth: int = 2) -> Summary:
+        """A `Summary` of the values `sub` accepts: its members' facts, met with the union
+        of each `anyOf`/`oneOf`; properties and items are summarized `depth` levels down.
+        Cached per subschema; a subschema met again inside itself is summarized as ANY."""
         if not isinstance(sub, dict):
-            return {"types": set(TYPES) if sub is True else set()}
-        members = [m for m, _ in self.flatten(sub, path)]
-        if any(("anyOf" in m or "oneOf" in m) for m in members):
-            return {"types": set(TYPES)}
-        values = self.finite_values([(m, path) for m in members])
-        types = set(self.allowed_types([(m, path) for m in members], implied=False))
+            return ANY if sub is True else Summary(set())
+        key = (id(sub), depth)
+        hit = self._summaries.get(key)
+        if hit is not None:
+            return hit[1]
+        self._summaries[key] = (sub, ANY)  # while in progress
+        try:
+            members = [m for m, _ in self.flatten(sub, path)]
+        except ConstraintError:  # reported where the branch itself is translated
+            return ANY
+        summary = self._conj_info(members, path, depth)
+        for m in members:
+            for kw in ("anyOf", "oneOf"):
+                if isinstance(m.get(kw), list):
+                    alts = [self._branch_info(x, f"{path}/{kw}", depth) for x in m[kw]]
+                    summary = meet(summary, union(alts))
+        self._summaries[key] = (sub, summary)
+        return summary
+
+    def _conj_info(self, members: list[dict], path: str, depth: int) -> Summary:
+        """`_branch_info` of one conjunction of members free of combinators."""
+        pairs = [(m, path) for m in members]
+        values = self.finite_values(pairs)
+        types = set(self.allowed_types(pairs, implied=False))
+        if values is not None:
+            found = {json_type(v) for v in values}
+            types &= found | ({"number", "integer"} if found & {"number", "integer"} else set())
         if "number" in types:
             types.add("integer")
-        props: dict[str, dict] = {}
-        required: set[str] = set()
-        closed: set[str] | None = None
+        if values is None and types <= {"string"}:
+            literals = [_literal_pattern(m.get("pattern")) for m in members]
+            values = next(([v, v + "\n"] for v in literals if v is not None), None)
+        out = Summary(types, values)
+        declared: dict[str, list[Any]] = {}
         for m in members:
-            required |= {k for k in m.get("required", []) if isinstance(k, str)}
             for k, prop in m.get("properties", {}).items():
-                if depth > 0 and k not in props:
-                    props[k] = self._branch_info(prop, f"{path}/properties/{k}", depth - 1)
+                declared.setdefault(k, []).append(prop)
+        for k, props in declared.items() if depth > 0 else ():
+            sub = props[0] if len(props) == 1 else {"allOf": props}
+            out.props[k] = self._branch_info(sub, f"{path}/properties/{k}", depth - 1)
+        for m in members:
+            out.required |= {k for k in m.get("required", []) if isinstance(k, str)}
             if m.get("additionalProperties") is False and not m.get("patternProperties"):
                 keys = set(m.get("properties", {}))
-                closed = keys if closed is None else closed & keys
-        return {"types": types, "values": values, "props": props, "required": required,
-                "closed": closed}  # fmt: skip
+                out.closed = keys if out.closed is None else out.closed & keys
+            mx = m.get("maxProperties")
+            if isinstance(mx, int) and not isinstance(mx, bool):
+                out.max_props = mx if out.max_props is None else min(out.max_props, mx)
+            mn = m.get("minItems")
+            if isinstance(mn, int) and not isinstance(mn, bool):
+                out.min_items = max(out.min_items, mn)
+            additional = m.get("additionalProperties")
+            if depth > 0 and isinstance(additional, dict) and not m.get("patternProperties"):
+                out.extra = self._branch_info(additional, f"{path}/additionalProperties", depth - 1)
+            items = m.get("items")
+            if depth > 0 and isinstance(items, (dict, bool)) and "prefixItems" not in m:
+                out.items = self._branch_info(items, f"{path}/items", depth - 1)
+        return out
 
     # ------------------------------------------------------------------ canonical form
 
@@ -832,39 +951,6 @@ class _Translator:
         return ConstraintError(f"json_schema at {path}: {message}")
 
 
-def _disjoint(a: dict, b: dict) -> bool:
-    """Whether no JSON value can satisfy both branch summaries."""
-    if not (a["types"] & b["types"]):
-        return True
-    if a.get("values") is not None and b.get("values") is not None:
-        return not any(_json_equal(v, w) for v in a["values"] for w in b["values"])
-    if a["types"] | b["types"] != {"object"} and (a["types"] & b["types"]) != {"object"}:
-        return False
-    for key in a.get("required", set()) & b.get("required", set()):
-        pa, pb = a.get("props", {}).get(key), b.get("props", {}).get(key)
-        if pa is not None and pb is not None and _disjoint(pa, pb):
-            return True
-    if b.get("closed") is not None and a.get("required", set()) - b["closed"]:
-        return True
-    return a.get("closed") is not None and bool(b.get("required", set()) - a["closed"])
-
-
-def _json_equal(a: Any, b: Any) -> bool:
-    """JSON equality: booleans are not numbers, 1 == 1.0."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return a is b
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return a == b
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, list):
-        return len(a) == len(b) and all(_json_equal(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_json_equal(a[k], b[k]) for k in a)
-    return a == b
-
-
-_SCALARS = (str, bool, type(None))
 _ANNOTATIONS = {"title", "description", "$comment", "examples", "default", "deprecated"}
 
 
@@ -880,7 +966,7 @@ def _negate(schema: Any) -> dict | None:
     keys = set(schema) - _ANNOTATIONS
     if keys == {"enum"} or keys == {"const"}:
         values = schema["enum"] if "enum" in schema else [schema["const"]]
-        if isinstance(values, list) and all(isinstance(v, _SCALARS) for v in values):
+        if isinstance(values, list) and all(isinstance(v, SCALARS) for v in values):
             return {"not": {"enum": values}}  # excluded literals, see _excluded_values
         return None
     if keys == {"type"}:
@@ -916,42 +1002,9 @@ def _excluded_values(member: dict) -> list[Any]:
     """Scalar values a member's `not: {enum}` forbids (written by `_negate`)."""
     neg = member.get("not")
     values = neg.get("enum") if isinstance(neg, dict) and set(neg) == {"enum"} else None
-    if isinstance(values, list) and all(isinstance(v, _SCALARS) for v in values):
+    if isinstance(values, list) and all(isinstance(v, SCALARS) for v in values):
         return values
     return []
-
-
-def _json_type(value: Any) -> str:
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    names = {float: "number", str: "string", list: "array", dict: "object", type(None): "null"}
-    return names[type(value)]
-
-
-def _separator(a: dict, b: dict) -> dict | None:
-    """A schema that, added to branch `a`, guarantees that branch `b` fails (or None)."""
-    values = b.get("values")
-    if values is not None:  # b accepts only these values: a must avoid those it could take
-        relevant = [v for v in values if _json_type(v) in a["types"]]
-        if all(isinstance(v, _SCALARS) for v in relevant):
-            return {"not": {"enum": relevant}} if relevant else {}
-    if "object" not in a["types"]:
-        return None
-    # The conditions below make objects fail b; other shared types are dropped from a.
-    objects = {} if a["types"] & b["types"] == {"object"} else {"type": "object"}
-    for key in sorted(set(a.get("props", {})) & set(b.get("props", {}))):
-        if _disjoint(a["props"][key], b["props"][key]):  # present, the key's value fails b
-            return {**objects, "required": [key]}
-    missing = sorted(b.get("required", set()) - a.get("required", set()))
-    if missing:
-        return {**objects, "anyOf": [{"properties": {k: False}} for k in missing]}
-    if b.get("closed") is not None and a.get("closed") is not None:
-        outside = sorted(a["closed"] - b["closed"])
-        if outside:
-            return {**objects, "anyOf": [{"required": [k]} for k in outside]}
-    return None
 
 
 def _item_schemas(member: dict) -> tuple[list[Any], Any]:
@@ -1020,3 +1073,13 @@ def _sample_bytes(store: TermStore, term: int, limit: int = 64) -> set[int]:
                 seen.add(nxt)
                 frontier.append(nxt)
     return out
+
+
+_LITERAL_PATTERN = re.compile(r"\^([A-Za-z0-9_ -]*)\$")
+
+
+def _literal_pattern(pattern: Any) -> str | None:
+    """The string an anchored literal `pattern` like `^abc$` spells (Python's `$` also
+    admits one trailing newline), or None."""
+    m = _LITERAL_PATTERN.fullmatch(pattern) if isinstance(pattern, str) else None
+    return m.group(1) if m else None

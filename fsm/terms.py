@@ -61,6 +61,7 @@ class TermStore:
         self._classes: dict[int, tuple[int, ...]] = {}
         self._deriv: dict[int, int] = {}
         self._empty: dict[int, bool] = {}
+        self._infinite: dict[int, bool] = {}
         self.anything = self.not_(EMPTY)  # every byte string
 
     def __len__(self) -> int:
@@ -291,6 +292,8 @@ class TermStore:
         kind, args = self._kind[t], self._args[t]
         if kind == _K_CONCAT:  # decide by parts: a search would run through the whole tail
             empty = self.is_empty(args[0], budget) or self.is_empty(args[1], budget)
+        elif self._infinite_minus_finite(kind, args):
+            empty = False
         elif kind == _K_ALT:
             empty = all(self.is_empty(u, budget) for u in args)
         elif kind == _K_REPEAT:
@@ -299,6 +302,38 @@ class TermStore:
             empty = self._search_empty(t, budget)
         self._empty[t] = empty
         return empty
+
+    def _infinite_minus_finite(self, kind: int, args: tuple) -> bool:
+        """Whether an intersection or complement is an infinite language without finitely
+        many strings (never empty): `X & ~Y1 & ~Y2...` or `~Y`, with X infinite and the Yi
+        finite, none of them containing an intersection or complement."""
+        if kind == _K_NOT:
+            positives, negatives = [], [args[0]]
+        elif kind == _K_AND:
+            positives = [u for u in args if self._kind[u] != _K_NOT]
+            negatives = [self._args[u][0] for u in args if self._kind[u] == _K_NOT]
+            if len(positives) != 1 or self._boolean[positives[0]]:
+                return False
+            if not self._is_infinite(positives[0]):
+                return False
+        else:
+            return False
+        return all(not self._boolean[y] and not self._is_infinite(y) for y in negatives)
+
+    def _is_infinite(self, t: int) -> bool:
+        """Whether a term without intersection or complement has infinitely many strings."""
+        cached = self._infinite.get(t)
+        if cached is not None:
+            return cached
+        kind, args = self._kind[t], self._args[t]
+        if kind in (_K_CONCAT, _K_ALT):  # parts are non-empty: EMPTY is never a part
+            out = any(self._is_infinite(u) for u in args)
+        elif kind == _K_REPEAT:
+            out = args[2] is None or self._is_infinite(args[0])
+        else:
+            out = False
+        self._infinite[t] = out
+        return out
 
     def _search_empty(self, t: int, budget: int) -> bool:
         """Search the derivatives of an intersection or complement for an accepting term."""

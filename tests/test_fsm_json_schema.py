@@ -411,6 +411,48 @@ SOUNDNESS_SCHEMAS: dict[str, dict[str, Any]] = {
     },
     "free_form": {"type": "array", "items": {}, "maxItems": 3},
     "unicode_strings": {"type": "string", "minLength": 2, "maxLength": 4},
+    "unique_enum_items": {
+        "type": "array",
+        "uniqueItems": True,
+        "items": {"enum": ["a", "b", 1, 1.5, None, {"k": [1]}, [2]]},
+    },
+    "unique_booleans": {
+        "type": "array",
+        "uniqueItems": True,
+        "items": {"type": ["boolean", "null"]},
+    },
+    "property_counts": {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}, "b": {"type": "null"}},
+        "required": ["a"],
+        "additionalProperties": {"type": "boolean"},
+        "minProperties": 2,
+        "maxProperties": 3,
+    },
+    "one_of_nested": {
+        "oneOf": [
+            {"oneOf": [{"type": "string"}, {"type": "integer"}]},
+            {"type": "array", "items": {"type": "integer"}},
+            {"type": "array", "items": {"type": "string"}},
+        ]
+    },
+    "one_of_nested_keys": {
+        "type": "object",
+        "properties": {"v": {"type": "integer"}},
+        "oneOf": [
+            {"properties": {"c": {"required": ["x"]}}, "required": ["c"]},
+            {"properties": {"c": {"required": ["y"]}}, "required": ["c"]},
+        ],
+    },
+    "one_of_max_properties": {
+        "type": "array",
+        "items": {
+            "oneOf": [
+                {"type": "object", "required": ["type", "url"]},
+                {"type": "object", "additionalProperties": {"const": False}, "maxProperties": 1},
+            ]
+        },
+    },
 }
 
 
@@ -576,6 +618,9 @@ def test_whitespace(vocab) -> None:
     [
         ({"type": "array", "uniqueItems": True, "maxItems": 3}, "uniqueItems"),
         ({"type": "array", "uniqueItems": True}, "uniqueItems"),
+        ({"type": "array", "uniqueItems": True, "items": {"type": "string"}}, "uniqueItems"),
+        ({"type": "array", "uniqueItems": True, "items": {"enum": list(range(33))}}, "uniqueItems"),
+        ({"type": "object", "minProperties": 20000}, "minProperties"),
         ({"$ref": "https://example.com/other.json#/definitions/x"}, "remote $ref"),
         ({"$ref": "#/definitions/missing"}, "does not resolve"),
         ('{"type": "object",', "not valid JSON"),
@@ -599,6 +644,55 @@ def test_unique_items_with_at_most_one_item(vocab) -> None:
     guide = compile_json_schema({"type": "array", "uniqueItems": True, "maxItems": 1}, vocab)
     assert accepts(guide, "[]") and accepts(guide, '[{"a":1}]')
     assert not accepts(guide, "[1,1]")
+
+
+def test_unique_items_over_finite_values(vocab) -> None:
+    guide = compile_json_schema(SOUNDNESS_SCHEMAS["unique_enum_items"], vocab)
+    for text in ["[]", '["a"]', '["b","a",1,null]', '[{"k":[1]},[2],1.5]']:
+        assert accepts(guide, text), text
+    for text in ['["a","a"]', '["a",1,"a"]', "[null,1,null]", '[{"k":[1]},{"k":[1]}]', "[1,1]"]:
+        assert not accepts(guide, text), text
+    booleans = compile_json_schema(SOUNDNESS_SCHEMAS["unique_booleans"], vocab)
+    assert accepts(booleans, "[true,null,false]") and not accepts(booleans, "[false,true,false]")
+    # once every value is used, the array must close
+    assert booleans.forced_bytes(booleans.walk(booleans.initial_state, b"[true,null,false")) == b"]"
+
+
+def test_min_and_max_properties(vocab) -> None:
+    guide = compile_json_schema(SOUNDNESS_SCHEMAS["property_counts"], vocab)
+    good = [
+        '{"a":1,"b":null}',
+        '{"a":1,"x":true}',
+        '{"a":1,"b":null,"x":true}',
+        '{"a":1,"x":true,"y":false}',
+    ]
+    bad = ['{"a":1}', '{"a":1,"b":null,"x":true,"y":false}', '{"a":1,"x":true,"y":true,"z":true}']
+    for text in good:
+        assert accepts(guide, text), text
+    for text in bad:
+        assert not accepts(guide, text), text
+    empty_or_one = compile_json_schema({"type": "object", "maxProperties": 1}, vocab)
+    assert accepts(empty_or_one, "{}") and accepts(empty_or_one, '{"k":[1,{"a":2}]}')
+    assert not accepts(empty_or_one, '{"k":1,"j":2}')
+
+
+def test_declared_type_overrides_keyword_implied_types(vocab) -> None:
+    """Keywords of one type narrow a schema without `type` to that type, unless a member of
+    the conjunction declares the types: then those are generated."""
+    schema = {
+        "type": "object",
+        "additionalProperties": {"minProperties": 1, "anyOf": [{"type": "string"}, {"$ref": "#"}]},
+    }
+    guide = compile_json_schema(schema, vocab)
+    assert accepts(guide, '{"a":"x","b":{"c":"y"}}') and not accepts(guide, '{"a":{}}')
+    flag = {"type": ["boolean", "object"], "properties": {"on": {"type": "boolean"}}}
+    guide = compile_json_schema(flag, vocab)
+    assert accepts(guide, "true") and accepts(guide, '{"on":false}')
+
+
+def test_free_form_values_nest_deeply(vocab) -> None:
+    guide = compile_json_schema({"type": "object", "properties": {"a": {"type": "object"}}}, vocab)
+    assert accepts(guide, '{"a":{"b":{"c":[{"d":[[{"e":[1]}]]}]}}}')
 
 
 def test_schema_as_json_text_and_booleans(vocab) -> None:
@@ -782,6 +876,34 @@ def test_walk_work_is_linear_in_the_text(monkeypatch: pytest.MonkeyPatch, vocab)
             ['{"a":1,"b":2}', '{"c":3}', '{"a":1,"b":2,"c":3}', '"x"', "{}"],
         ),
         ({"oneOf": [{"type": "string"}, {"enum": ["x", 1]}]}, ['"y"', "1", '"x"', "2"]),
+        (SOUNDNESS_SCHEMAS["one_of_nested"], ['"x"', "[1]", "[]", '["a"]', "1.5", '[1,"a"]']),
+        (
+            SOUNDNESS_SCHEMAS["one_of_nested_keys"],
+            ['{"c":{"x":1}}', '{"c":{"y":1}}', '{"c":{"x":1,"y":2}}', '{"v":1}'],
+        ),
+        (SOUNDNESS_SCHEMAS["one_of_max_properties"], ['[{"type":"a","url":"b"}]', '[{"k":false}]']),
+        (
+            {
+                "oneOf": [
+                    {"type": "string", "pattern": "^Abs$"},
+                    {"type": "string", "pattern": "^Add$"},
+                ]
+            },
+            ['"Abs"', '"Add"', '"Abd"'],
+        ),
+        (
+            {
+                "oneOf": [
+                    {
+                        "type": ["string", "object"],
+                        "properties": {"k": {"const": 1}},
+                        "required": ["k"],
+                    },
+                    {"type": ["string", "null"], "maxLength": 3},
+                ]
+            },
+            ['{"k":1}', "null", '"ab"', '"abcd"'],
+        ),
     ],
 )
 def test_one_of_separators_are_exact_where_they_accept(vocab, schema: dict, texts: list) -> None:
