@@ -101,12 +101,17 @@ class Constraints:
             assert job is not None
             if not job.done():
                 if now > req.compile_deadline:
-                    done.append((req, f"constraint compilation timed out after {self.timeout_s} s"))
+                    message = f"compilation timed out after {self.timeout_s} s (too complex)"
+                    done.append((req, f"invalid constraint: {message}"))
                 continue
             try:
                 guide = job.result()
             except ConstraintError as e:
                 done.append((req, f"invalid constraint: {e}"))
+                continue
+            except RecursionError:
+                kind = req.params.constraint[0]  # type: ignore[index]
+                done.append((req, f"invalid constraint: the {kind} is nested too deeply"))
                 continue
             except Exception as e:  # a compiler bug must not take the engine down
                 done.append((req, f"constraint compilation failed: {type(e).__name__}: {e}"))

@@ -21,6 +21,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+try:  # the parser of `re` (Python 3.11+; `sre_parse` before)
+    import re._parser as _re_parser  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover
+    import sre_parse as _re_parser  # type: ignore[no-redef]
+
 _SEED_ALIASES = ("sampling_seed",)
 _UNSUPPORTED = {
     "ebnf": "EBNF grammars are not supported; use regex or json_schema",
@@ -197,6 +202,11 @@ class SamplingParams:
                 raise ValueError(
                     f"stop_regex: invalid regular expression {pattern!r}: {exc}"
                 ) from None
+            if _nested_unbounded_repeat(pattern):
+                raise ValueError(
+                    f"stop_regex {pattern!r}: an unbounded repetition inside another one "
+                    "(like '(a+)+') can take exponential time to search; not supported"
+                )
         self.stop_token_ids = self._normalize_stop_token_ids(self.stop_token_ids)
 
         for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens"):
@@ -251,3 +261,28 @@ class SamplingParams:
             if t < 0:
                 raise ValueError(f"stop_token_ids must be >= 0, got {t} in {out!r}")
         return [int(t) for t in out]
+
+
+def _nested_unbounded_repeat(pattern: str) -> bool:
+    """True if `pattern` has an unbounded repetition (``*``, ``+``, ``{n,}``) inside another
+    one: the shape of catastrophic backtracking (``(a+)+b``), which would stall the engine
+    thread that searches stop regexes."""
+    repeats = (_re_parser.MAX_REPEAT, _re_parser.MIN_REPEAT)
+
+    def walk(items: Any, inside: bool) -> bool:
+        for op, arg in items:
+            if op in repeats:
+                unbounded = arg[1] == _re_parser.MAXREPEAT
+                if (unbounded and inside) or walk(arg[2], inside or unbounded):
+                    return True
+            elif op == _re_parser.SUBPATTERN:
+                if walk(arg[3], inside):
+                    return True
+            elif op == _re_parser.BRANCH:
+                if any(walk(branch, inside) for branch in arg[1]):
+                    return True
+            elif op in (_re_parser.ASSERT, _re_parser.ASSERT_NOT) and walk(arg[1], inside):
+                return True
+        return False
+
+    return walk(_re_parser.parse(pattern), False)

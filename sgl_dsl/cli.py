@@ -126,7 +126,10 @@ def serve(args: argparse.Namespace) -> int:
 
     from backend.engine import Engine
     from backend.server import create_app, serve_forever
+    from backend.server.memory import fix_malloc_thresholds
     from backend.server.state import STATE
+
+    fix_malloc_thresholds()  # a flat RSS over long runs (see backend/server/memory.py)
 
     try:
         engine = Engine(args.model, **options)

@@ -84,12 +84,13 @@ def is_constraint_error(finish_reason: dict[str, Any] | None) -> bool:
 
 def error_for_abort(finish_reason: dict[str, Any] | None) -> APIError | None:
     """The HTTP error a request's abort stands for: 400 for an invalid constraint, 500 for an
-    engine failure; None for other finishes (including an abort asked for by a client)."""
+    engine or constraint-compiler failure; None for other finishes (including an abort
+    asked for by a client)."""
     if not isinstance(finish_reason, dict) or finish_reason.get("type") != "abort":
         return None
     message = str(finish_reason.get("message", "aborted"))
     if is_constraint_error(finish_reason):
         return bad_request(message, code="invalid_constraint")
-    if message.startswith("internal error"):
+    if message.startswith(("internal error", "constraint compilation failed")):
         return APIError(500, message)
     return None
