@@ -44,3 +44,21 @@ bench-fsm: venv
 
 bench-jump: venv
 	$(BIN)/python benchmarks/bench_jump_forward.py
+
+# Program benchmarks (benchmarks/programs/): ours vs transformers, guidance, outlines and
+# llama-cpp-python, each peer in its own venv (guidance pins transformers 4.53; llama-cpp-python
+# compiles llama.cpp, about 7 minutes on 2 cores). Peers without a venv are skipped.
+PEERS := benchmarks/programs
+.venv-peers-%/.stamp: $(PEERS)/requirements-%.txt
+	$(PY) -m venv .venv-peers-$*
+	.venv-peers-$*/bin/pip install -q --upgrade pip
+	.venv-peers-$*/bin/pip install -q -r $<
+	touch $@
+
+peers: .venv-peers-guidance/.stamp .venv-peers-outlines/.stamp .venv-peers-llama/.stamp
+
+bench-programs: venv
+	$(BIN)/python -m benchmarks.programs
+
+bench-programs-all: venv peers bench-programs
+.PHONY: peers bench-programs bench-programs-all
