@@ -123,16 +123,8 @@ class Attention(nn.Module):
         self.qkv_bias: torch.Tensor | None = None
 
     def fuse(self) -> None:
-        """Concatenate the q, k and v projections into one matrix (one GEMM per layer);
-        the separate parameters become views of it, so no memory is added."""
-        projs = (self.q_proj, self.k_proj, self.v_proj)
-        self.qkv_weight, weights = _fuse_rows([p.weight for p in projs])
-        for proj, weight in zip(projs, weights):
-            proj.weight = nn.Parameter(weight, requires_grad=False)
-        if self.q_proj.bias is not None:
-            self.qkv_bias, biases = _fuse_rows([p.bias for p in projs])
-            for proj, bias in zip(projs, biases):
-                proj.bias = nn.Parameter(bias, requires_grad=False)
+        """Concatenate the q, k and v projections into one matrix (one GEMM per layer)."""
+        self.qkv_weight, self.qkv_bias = _fuse_linears((self.q_proj, self.k_proj, self.v_proj))
 
     def _project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.qkv_weight is None:
@@ -171,15 +163,8 @@ class MLP(nn.Module):
         self.gate_up_bias: torch.Tensor | None = None
 
     def fuse(self) -> None:
-        """Concatenate the gate and up projections (see ``Attention.fuse``)."""
-        projs = (self.gate_proj, self.up_proj)
-        self.gate_up_weight, weights = _fuse_rows([p.weight for p in projs])
-        for proj, weight in zip(projs, weights):
-            proj.weight = nn.Parameter(weight, requires_grad=False)
-        if self.gate_proj.bias is not None:
-            self.gate_up_bias, biases = _fuse_rows([p.bias for p in projs])
-            for proj, bias in zip(projs, biases):
-                proj.bias = nn.Parameter(bias, requires_grad=False)
+        """Concatenate the gate and up projections into one matrix (one GEMM)."""
+        self.gate_up_weight, self.gate_up_bias = _fuse_linears((self.gate_proj, self.up_proj))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_weight is None:
@@ -290,14 +275,24 @@ class CausalLM(nn.Module):
         return F.linear(hidden, self.lm_head.weight).float()
 
 
-def _fuse_rows(parts: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """``cat(parts)`` along dim 0, and each part as a view of the result."""
-    fused = torch.cat(parts)
-    views, start = [], 0
-    for part in parts:
-        views.append(fused[start : start + part.shape[0]])
-        start += part.shape[0]
-    return fused, views
+def _fuse_linears(projs: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weights (and biases, if any) of ``projs`` concatenated along the output dim; each
+    projection's parameters become views of the result, so no memory is added."""
+    fused: list[torch.Tensor | None] = []
+    for name in ("weight", "bias"):
+        parts = [getattr(proj, name) for proj in projs]
+        if parts[0] is None:
+            fused.append(None)
+            continue
+        whole, start = torch.cat(parts), 0
+        for proj, part in zip(projs, parts):
+            view = whole[start : start + part.shape[0]]
+            setattr(proj, name, nn.Parameter(view, requires_grad=False))
+            start += part.shape[0]
+        fused.append(whole)
+    weight, bias = fused
+    assert weight is not None
+    return weight, bias
 
 
 def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
