@@ -78,6 +78,14 @@ class ServerProcess:
                 self.kill()
         return self.proc.returncode
 
+    def wait_exit(self, timeout_s: float = 60.0) -> int:
+        """The exit code once the process ends by itself (killed and -9 after `timeout_s`)."""
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        return self.proc.returncode
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
