@@ -24,7 +24,9 @@ class EngineConfig:
     fails after ``constraint_compile_timeout`` seconds; the last ``constraint_cache_size``
     compiled constraints are kept.
     GPU: decode steps of up to ``cuda_graph_max_bs`` requests replay CUDA graphs captured at
-    start-up unless ``disable_cuda_graph``. ``load_format="dummy"`` skips the checkpoint's
+    start-up unless ``disable_cuda_graph``; with graphs, each decode step is launched from the
+    previous step's sampled ids on the device before the host processes them, unless
+    ``disable_overlap_schedule``. ``load_format="dummy"`` skips the checkpoint's
     weights and initializes them randomly (benchmarks: speed does not depend on the values;
     only ``config.json`` and the tokenizer are read).
     """
@@ -52,6 +54,7 @@ class EngineConfig:
     constraint_cache_size: int = 64
     load_format: str = "auto"
     disable_cuda_graph: bool = False
+    disable_overlap_schedule: bool = False
     cuda_graph_max_bs: int = 256
 
     def __post_init__(self) -> None:

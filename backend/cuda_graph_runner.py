@@ -13,7 +13,8 @@ running the whole decode forward pass and the logits over static device buffers:
 `run` pads a batch of ``B`` requests to the next captured size: padding rows read token 0
 at position 0 and attend to, and write, the scratch slot 0 of the KV pool (never handed
 out), so they cannot disturb real requests. It returns the first ``B`` rows of the graph's
-static logits, which stay valid until the next `run`.
+static logits, which stay valid until the next `run` (stream order: work the caller
+enqueues after `run` reads them before the next replay overwrites them).
 """
 
 from __future__ import annotations
@@ -62,8 +63,11 @@ class CudaGraphRunner:
         self._ids, self._pos, self._loc, self._indptr = 0, mb, 2 * mb, 3 * mb
         self._indices = 4 * mb + 1
         size = self._indices + mb * max_context_len
-        self._host = torch.zeros(size, dtype=torch.int64, pin_memory=True)
-        self._host_np = self._host.numpy()
+        # Two pinned staging buffers, used in turn: with overlapped steps, step N + 1 is packed
+        # while step N's copy may still wait in the stream; each buffer's copy is fenced.
+        self._hosts = [torch.zeros(size, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+        self._copied: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
         self._device_buf = torch.zeros(size, dtype=torch.int64, device=self.device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
@@ -77,20 +81,28 @@ class CudaGraphRunner:
         table: torch.Tensor,
         rows: Sequence[int],
         seq_lens: Sequence[int],
-        last_tokens: Sequence[int],
+        last_tokens: Sequence[int] | torch.Tensor,
     ) -> torch.Tensor:
         """Float32 logits ``[B, vocab]`` of one decode step.
 
         ``table`` is the host ``ReqToTokenTable`` tensor: row ``rows[i]`` lists the slots of
         request ``i``'s ``seq_lens[i]`` tokens, the last being the slot of ``last_tokens[i]``.
+        ``last_tokens`` may be a device tensor (the previous step's sampled ids, never seen
+        by the host): it is copied into the graph's input on the device.
         """
         b = len(rows)
         bs = self.sizes[bisect.bisect_left(self.sizes, b)]
-        host = self._host_np
+        staging = self._hosts[self._turn]
+        fence = self._copied[self._turn]
+        if fence is not None:
+            fence.synchronize()
+        host = staging.numpy()
         lens = np.asarray(seq_lens, dtype=np.int64)
         table_np = table.numpy()
-        host[self._ids : self._ids + b] = last_tokens
-        host[self._ids + b : self._ids + bs] = 0
+        on_device = isinstance(last_tokens, torch.Tensor)
+        host[self._ids : self._ids + bs] = 0
+        if not on_device:
+            host[self._ids : self._ids + b] = last_tokens
         host[self._pos : self._pos + b] = lens - 1
         host[self._pos + b : self._pos + bs] = 0
         host[self._loc : self._loc + b] = table_np[np.asarray(rows), lens - 1]
@@ -106,7 +118,12 @@ class CudaGraphRunner:
             start += n
         host[start : start + bs - b] = 0
         used = start + bs - b
-        self._device_buf[:used].copy_(self._host[:used], non_blocking=True)
+        self._device_buf[:used].copy_(staging[:used], non_blocking=True)
+        fence = self._copied[self._turn] = torch.cuda.Event()
+        fence.record()
+        self._turn ^= 1
+        if on_device:
+            self._device_buf[self._ids : self._ids + b].copy_(last_tokens)
         self._graphs[bs].replay()
         return self._logits[bs][:b]
 

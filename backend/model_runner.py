@@ -87,14 +87,24 @@ class ModelRunner:
             kv_slots,
         )
 
+    def uses_graph(self, batch_size: int) -> bool:
+        """Whether a decode step of ``batch_size`` requests replays a CUDA graph."""
+        return self.graphs is not None and self.graphs.can_run(batch_size)
+
     @torch.inference_mode()
     def decode_logits(
-        self, rows: Sequence[int], seq_lens: Sequence[int], last_tokens: Sequence[int]
+        self,
+        rows: Sequence[int],
+        seq_lens: Sequence[int],
+        last_tokens: Sequence[int] | torch.Tensor,
     ) -> torch.Tensor:
         """`decode` followed by `logits`: float32 ``[B, vocab]``, from a CUDA graph when one
-        was captured for the batch size (valid until the next decode step)."""
+        was captured for the batch size (valid until the next decode step). With a graph,
+        ``last_tokens`` may be a device tensor (ids the host has not seen)."""
         if self.graphs is not None and self.graphs.can_run(len(rows)):
             return self.graphs.run(self.table.table, rows, seq_lens, last_tokens)
+        if isinstance(last_tokens, torch.Tensor):
+            raise ValueError("device-side input ids need a captured CUDA graph")
         return self.logits(self.decode(rows, seq_lens, last_tokens))
 
     def _run(

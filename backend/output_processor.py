@@ -106,10 +106,7 @@ class OutputProcessor:
         """Sample one token per request, record it, and return the requests that finished.
 
         ``logits`` may be modified in place."""
-        if self.num_decodable < logits.shape[1]:
-            logits[:, self.num_decodable :] = float("-inf")
-        states = [r.sampling for r in reqs]
-        next_ids = sample(logits, states, [len(r.output_ids) for r in reqs]).tolist()  # type: ignore[arg-type]
+        next_ids = self.sample(reqs, logits).tolist()
         want = [i for i, r in enumerate(reqs) if r.return_logprob]
         if want:
             logprobs = torch.log_softmax(logits[want].float(), dim=-1)
@@ -122,6 +119,21 @@ class OutputProcessor:
                     req.output_top_logprobs.extend(
                         _top_logprobs(logprobs[j : j + 1], req.top_logprobs_num)
                     )
+        return self.commit(reqs, next_ids)
+
+    @torch.inference_mode()
+    def sample(self, reqs: list[Req], logits: torch.Tensor, pending: int = 0) -> torch.Tensor:
+        """The next token of each request, as a tensor on the logits' device (no waiting
+        for the device). ``pending``: tokens each request has sampled that the host has not
+        committed yet (they count toward ``min_new_tokens``). ``logits`` may be modified."""
+        if self.num_decodable < logits.shape[1]:
+            logits[:, self.num_decodable :] = float("-inf")
+        states = [r.sampling for r in reqs]
+        counts = [len(r.output_ids) + pending for r in reqs]
+        return sample(logits, states, counts, inplace=True)  # type: ignore[arg-type]
+
+    def commit(self, reqs: list[Req], next_ids: list[int]) -> list[Req]:
+        """Record one sampled token per request; return the requests that finished."""
         finished = []
         for req, tok in zip(reqs, next_ids):
             self.stats.generated_tokens += 1

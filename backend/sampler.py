@@ -17,7 +17,8 @@ Each sampling row draws ``V`` exponential variates per step and picks ``argmax(p
 exact draw from ``p``). A seeded request draws from its own ``torch.Generator``, so it
 reproduces its tokens whatever else is in the batch; unseeded rows share one batched draw
 from torch's default generator of the device (one launch, however many rows). The input
-logits are never modified. Work that no row needs is skipped: a batch of plain greedy rows
+logits are modified only when the caller allows it (``inplace=True``: the engine's logits
+are scratch). Work that no row needs is skipped: a batch of plain greedy rows
 is one ``argmax``.
 """
 
@@ -97,12 +98,22 @@ class RequestSampling:
         return []
 
 
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.tensor(values)`` on ``device`` without making the host wait: on CUDA through
+    pinned memory and an asynchronous copy (a copy from pageable memory would block until
+    the GPU has run everything queued before it, the forward pass included)."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def _index(rows: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.int64, device=device)
+    return to_device(rows, torch.int64, device)
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
+    return to_device(values, torch.float32, device).unsqueeze(1)
 
 
 def apply_penalties(
@@ -130,11 +141,28 @@ def apply_penalties(
         logits.index_copy_(0, idx, logits.index_select(0, idx) - delta)
 
 
+_BAN_COLUMNS: dict[tuple[torch.device, tuple[int, ...]], torch.Tensor] = {}
+
+
+def _ban_columns(ids: list[int], device: torch.device) -> torch.Tensor:
+    """The device tensor of ``ids``, made once per (device, ids) (a few distinct sets:
+    EOS ids, stop ids), so that banning costs no host-to-device copy per step."""
+    key = (device, tuple(ids))
+    cols = _BAN_COLUMNS.get(key)
+    if cols is None:
+        if len(_BAN_COLUMNS) >= 64:
+            _BAN_COLUMNS.clear()
+        cols = _BAN_COLUMNS[key] = torch.tensor(ids, dtype=torch.int64, device=device)
+    return cols
+
+
 def _apply_bans(logits: torch.Tensor, banned: list[list[int]]) -> None:
+    if all(ids == banned[0] for ids in banned):  # the usual case: one set for every row
+        logits[:, _ban_columns(banned[0], logits.device)] = float("-inf")
+        return
     rows = [i for i, ids in enumerate(banned) for _ in ids]
     cols = [t for ids in banned for t in ids]
-    if rows:
-        logits[_index(rows, logits.device), _index(cols, logits.device)] = float("-inf")
+    logits[_index(rows, logits.device), _index(cols, logits.device)] = float("-inf")
 
 
 def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -151,7 +179,7 @@ def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         values = torch.topk(logits, kmax, dim=1).values
         k_idx = _index([min(k, kmax) - 1 for k in top_ks], device).unsqueeze(1)
         threshold = values.gather(1, k_idx)
-        active = torch.tensor([k < vocab for k in top_ks], device=device).unsqueeze(1)
+        active = to_device([k < vocab for k in top_ks], torch.bool, device).unsqueeze(1)
         threshold = torch.where(active, threshold, torch.full_like(threshold, float("-inf")))
         logits = logits.masked_fill(logits < threshold, float("-inf"))
 
@@ -162,7 +190,7 @@ def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         mass_before = torch.cumsum(sorted_probs, dim=1) - sorted_probs
         remove = mass_before >= _column(top_ps, device)
         remove[:, 0] = False  # the most likely token always stays
-        active = torch.tensor([p < 1.0 for p in top_ps], device=device).unsqueeze(1)
+        active = to_device([p < 1.0 for p in top_ps], torch.bool, device).unsqueeze(1)
         remove &= active
         logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
 
@@ -178,11 +206,13 @@ def sample(
     logits: torch.Tensor,
     states: Sequence[RequestSampling],
     num_output_tokens: Sequence[int],
+    inplace: bool = False,
 ) -> torch.Tensor:
     """Sample one token per row of ``logits`` ``[B, V]``; returns ``[B]`` int64 on its device.
 
     ``num_output_tokens[i]`` is how many tokens request ``i`` has generated so far (drives
-    ``min_new_tokens``). See the module docstring for the processing order.
+    ``min_new_tokens``). See the module docstring for the processing order. ``inplace``:
+    penalties and bans may be written into ``logits`` (saves a ``[B, V]`` copy).
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
@@ -205,7 +235,7 @@ def sample(
             )
     banned = [s.banned_token_ids(num_output_tokens[i]) for i, s in enumerate(states)]
     any_bans = any(banned)
-    if penalty_rows or any_bans or logits.dtype != torch.float32:
+    if logits.dtype != torch.float32 or ((penalty_rows or any_bans) and not inplace):
         logits = logits.to(torch.float32, copy=True)
         apply_penalties(logits, states, penalty_rows)
         if any_bans:

@@ -16,6 +16,7 @@ import logging
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, wait
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,8 +28,26 @@ from backend.model_runner import ModelRunner
 from backend.output_processor import OutputProcessor
 from backend.radix_cache import RadixCache
 from backend.request import Req, ReqStatus
+from backend.sampler import to_device
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class InflightDecode:
+    """A launched decode step whose sampled ids the host has not committed yet.
+
+    With overlap, step N + 1 is launched from ``ids_device`` of step N, then step N is
+    committed while the GPU runs N + 1. Meanwhile each of its requests holds one KV slot more
+    than its committed tokens (the slot of the token in flight); a request that turns out to
+    have finished at step N gives that slot back with the rest when it is released (the
+    GPU writes it before any later launch can reuse it: one stream orders them).
+    """
+
+    reqs: list[Req]
+    ids_device: torch.Tensor  # [B] sampled ids
+    ids_host: torch.Tensor  # [B] pinned, filled by an asynchronous copy
+    ready: torch.cuda.Event  # recorded after that copy
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -73,6 +92,14 @@ class Scheduler:
         self.num_retractions = 0
         self.forward_steps = {"prefill": 0, "decode": 0}
         self.jump_forward_tokens = 0
+        self.inflight: InflightDecode | None = None  # overlapped decode (GPU only)
+        self._ids_staging: list[torch.Tensor] = []
+        self._ids_turn = 0
+        if runner.graphs is not None and not config.disable_overlap_schedule:
+            self._ids_staging = [
+                torch.empty(config.max_running_requests, dtype=torch.int64, pin_memory=True)
+                for _ in range(2)
+            ]
 
     # ---- queue operations -------------------------------------------------------------
 
@@ -86,7 +113,12 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(
-            self.compiling or self.waiting or self.running or self.chunked or self.extending
+            self.compiling
+            or self.waiting
+            or self.running
+            or self.chunked
+            or self.extending
+            or self.inflight
         )
 
     def requests(self) -> list[Req]:
@@ -96,6 +128,7 @@ class Scheduler:
 
     def abort(self, rid: str, message: str = "aborted") -> bool:
         """Abort ``rid`` wherever it is; frees everything it holds. False if unknown."""
+        self.drain()
         req = next((r for r in self.requests() if r.rid == rid), None)
         if req is None:
             return False
@@ -114,7 +147,9 @@ class Scheduler:
     def step(self) -> None:
         if self.compiling:
             self._collect_compiled()
-        if not self._prefill_step() and self.running:
+        if self.inflight is not None and self._may_prefill():
+            self.drain()  # a prefill pass changes the running set: commit first
+        if not self._prefill_step() and (self.running or self.inflight):
             self._decode_step()
         elif self.compiling and not (self.waiting or self.running or self.extending):
             wait([r.compile_job for r in self.compiling], 0.005, FIRST_COMPLETED)  # type: ignore[misc]
@@ -360,25 +395,116 @@ class Scheduler:
 
     # ---- decode -----------------------------------------------------------------------
 
+    def _may_prefill(self) -> bool:
+        """Whether `_prefill_step` could run a pass now (False: it certainly would not)."""
+        room = len(self.running) < self.config.max_running_requests
+        return bool(self.extending or self.chunked or (self.waiting and room))
+
     def _decode_step(self) -> None:
+        """One decode step of every running request.
+
+        Overlapped (see `InflightDecode`): when the previous step's ids are still on the
+        device, the next step is launched from them first, then the previous step is
+        committed on the host while the GPU runs the new one."""
+        prev = self.inflight
+        if prev is not None:
+            self.inflight = self._chain(prev)
+            self._commit(prev)
+            return
         self._make_room_for_decode()
         if not self.running:
             return
-        self.forward_steps["decode"] += 1
         reqs = list(self.running)
+        logits = self._launch_decode(reqs, [r.output_ids[-1] for r in reqs])
+        if self._overlappable(reqs):
+            self.inflight = self._sample_async(reqs, logits, pending=0)
+        else:
+            self._emit(reqs, logits)
+
+    def _launch_decode(
+        self, reqs: list[Req], last_tokens: list[int] | torch.Tensor
+    ) -> torch.Tensor:
+        """Allocate one slot per request and launch the forward pass; returns the logits."""
+        self.forward_steps["decode"] += 1
         slots = self._alloc(len(reqs))
-        assert slots is not None, "decode slots were reserved by _make_room_for_decode"
+        assert slots is not None, "decode slots were reserved by the caller"
         rows = [r.row for r in reqs]
         self.table.table[rows, [r.num_kv for r in reqs]] = slots  # one store for the batch
         for req in reqs:
             req.num_kv += 1
-        logits = self.runner.decode_logits(
-            rows, [r.num_kv for r in reqs], [r.output_ids[-1] for r in reqs]
-        )
+        logits = self.runner.decode_logits(rows, [r.num_kv for r in reqs], last_tokens)
         self.new_token_ratio = max(
             self.new_token_ratio - self._ratio_decay, self.config.min_new_token_ratio
         )
-        self._emit(reqs, logits)
+        return logits
+
+    # ---- overlapped decode -------------------------------------------------------------
+
+    def _overlappable(self, reqs: list[Req]) -> bool:
+        """Whether the next step may be launched before this one's ids reach the host:
+        overlap on, a CUDA graph for the batch, and nothing needs the host per token before
+        sampling (constraint masks, logprobs, penalties)."""
+        return (
+            not self.config.disable_overlap_schedule
+            and self.runner.uses_graph(len(reqs))
+            and all(
+                r.guide is None and not r.return_logprob and not r.params.uses_penalties
+                for r in reqs
+            )
+        )
+
+    def _sample_async(self, reqs: list[Req], logits: torch.Tensor, pending: int) -> InflightDecode:
+        """Sample on the device and start copying the ids to the host (no waiting)."""
+        ids = self.outputs.sample(reqs, logits, pending=pending)
+        # Two pinned buffers in turn: step N's is read by its commit, which comes after
+        # step N + 1 was launched (into the other buffer) and before step N + 2 is.
+        self._ids_turn ^= 1
+        host = self._ids_staging[self._ids_turn][: ids.shape[0]]
+        host.copy_(ids, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return InflightDecode(reqs, ids, host, ready)
+
+    def _chain(self, prev: InflightDecode) -> InflightDecode | None:
+        """Launch the step after ``prev`` from its ids on the device, for the requests that
+        cannot have finished by length; None when that is not possible (then ``prev`` is
+        simply committed and the next step starts from the host)."""
+        keep = [
+            i
+            for i, r in enumerate(prev.reqs)
+            if r.status is ReqStatus.RUNNING
+            and len(r.output_ids) + 1 < r.params.max_new_tokens
+            and len(r.input_ids) + len(r.output_ids) + 1 < self.context_len
+        ]
+        reqs = [prev.reqs[i] for i in keep]
+        if (
+            not reqs
+            or self.pool.num_free + self.cache.evictable_size < len(reqs)
+            or not self._overlappable(reqs)
+        ):
+            return None
+        ids = prev.ids_device
+        if len(reqs) != len(prev.reqs):
+            ids = ids.index_select(0, to_device(keep, torch.int64, ids.device))
+        logits = self._launch_decode(reqs, ids)
+        return self._sample_async(reqs, logits, pending=1)
+
+    def _commit(self, step: InflightDecode) -> None:
+        """Wait for ``step``'s ids and record them (requests finished meanwhile skip theirs)."""
+        step.ready.synchronize()
+        ids = step.ids_host.tolist()
+        live = [(r, t) for r, t in zip(step.reqs, ids) if r.status is ReqStatus.RUNNING]
+        finished = self.outputs.commit([r for r, _ in live], [t for _, t in live])
+        for req in finished:
+            if req in self.running:
+                self.running.remove(req)
+            self._release(req)
+
+    def drain(self) -> None:
+        """Commit the step in flight, if any: the host state is then complete."""
+        if self.inflight is not None:
+            step, self.inflight = self.inflight, None
+            self._commit(step)
 
     def _make_room_for_decode(self) -> None:
         """Retract running requests (fewest outputs first) until one slot each is available."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -187,3 +188,45 @@ def test_dummy_weights_load_on_gpu(tiny_dir: Path) -> None:
         out = eng.generate(PROMPTS[:2], {**GREEDY, "ignore_eos": True})
         assert all(len(r["output_ids"]) == GREEDY["max_new_tokens"] for r in out)
         check_idle(eng)
+
+
+def test_overlapped_decode_equals_sequential(tiny_dir: Path) -> None:
+    """Overlap (step N + 1 launched from step N's ids on the device) changes nothing:
+    requests finishing at different steps (lengths, a stop string, EOS), one streamed, the
+    same tokens, text and finish reasons as without overlap; an abort mid-way frees all."""
+    params = [
+        {"temperature": 0, "max_new_tokens": n, **extra}
+        for n, extra in [
+            (5, {}),
+            (17, {}),
+            (30, {"stop": ["e"]}),
+            (40, {"ignore_eos": True}),
+            (3, {}),
+            (26, {"temperature": 0.9, "seed": 11}),
+        ]
+    ]
+    results = {}
+    for overlap in (False, True):
+        with Engine(
+            str(tiny_dir),
+            device="cuda",
+            dtype="float32",
+            max_total_tokens=4096,
+            disable_overlap_schedule=not overlap,
+        ) as eng:
+            streamed = list(eng.stream(PROMPTS[0], params[3], incremental=True))
+            out = eng.generate(PROMPTS, params)
+            long = {"max_new_tokens": 400, "ignore_eos": True}
+            handle = eng.submit(PROMPTS[1], long, stream=True)[0]
+            while len(handle.output_ids) < 3 and not handle.finished:
+                handle.poll()
+                time.sleep(0.001)
+            eng.abort(handle.rid)
+            aborted = handle.result(timeout=30)
+            assert aborted["meta_info"]["finish_reason"]["type"] == "abort"
+            check_idle(eng)
+            results[overlap] = (
+                [(r["output_ids"], r["text"], r["meta_info"]["finish_reason"]) for r in out],
+                "".join(c["text"] for c in streamed),
+            )
+    assert results[True] == results[False]
