@@ -122,14 +122,13 @@ class OutputProcessor:
         return self.commit(reqs, next_ids)
 
     @torch.inference_mode()
-    def sample(self, reqs: list[Req], logits: torch.Tensor, pending: int = 0) -> torch.Tensor:
+    def sample(self, reqs: list[Req], logits: torch.Tensor) -> torch.Tensor:
         """The next token of each request, as a tensor on the logits' device (no waiting
-        for the device). ``pending``: tokens each request has sampled that the host has not
-        committed yet (they count toward ``min_new_tokens``). ``logits`` may be modified."""
+        for the device). ``logits`` may be modified."""
         if self.num_decodable < logits.shape[1]:
             logits[:, self.num_decodable :] = float("-inf")
         states = [r.sampling for r in reqs]
-        counts = [len(r.output_ids) + pending for r in reqs]
+        counts = [len(r.output_ids) for r in reqs]
         return sample(logits, states, counts, inplace=True)  # type: ignore[arg-type]
 
     def commit(self, reqs: list[Req], next_ids: list[int]) -> list[Req]:

@@ -37,11 +37,12 @@ logger = logging.getLogger(__name__)
 class InflightDecode:
     """A launched decode step whose sampled ids the host has not committed yet.
 
-    With overlap, step N + 1 is launched from ``ids_device`` of step N, then step N is
-    committed while the GPU runs N + 1. Meanwhile each of its requests holds one KV slot more
-    than its committed tokens (the slot of the token in flight); a request that turns out to
-    have finished at step N gives that slot back with the rest when it is released (the
-    GPU writes it before any later launch can reuse it: one stream orders them).
+    With overlap, the forward pass of step N + 1 is launched from ``ids_device`` of step N,
+    then step N is committed while the GPU runs N + 1, then N + 1 is masked and sampled.
+    Meanwhile each request of N + 1 holds a KV slot for a token the host has not recorded
+    (``num_kv == len(fill_ids)`` once it is); a request that turns out to have finished at
+    step N, or whose tail jump-forward re-tokenized, gives that slot back like any other
+    (the GPU writes it before any later launch can reuse it: one stream orders them).
     """
 
     reqs: list[Req]
@@ -403,21 +404,28 @@ class Scheduler:
     def _decode_step(self) -> None:
         """One decode step of every running request.
 
-        Overlapped (see `InflightDecode`): when the previous step's ids are still on the
-        device, the next step is launched from them first, then the previous step is
-        committed on the host while the GPU runs the new one."""
+        Overlapped (see `InflightDecode`): while step N's ids are still on the device, the
+        forward pass of step N + 1 is launched from them first; then step N is committed on
+        the host (outputs, constraint states, jump-forward) while the GPU runs N + 1, and
+        only then are step N + 1's masks applied and its tokens sampled."""
         prev = self.inflight
         if prev is not None:
-            self.inflight = self._chain(prev)
-            self._commit(prev)
-            return
+            if any(r not in prev.reqs for r in self.running):
+                self.drain()  # a request joined outside the chain: restart from the host
+            else:
+                self.inflight = None
+                launched = self._chain(prev)
+                self._commit(prev)
+                if launched is not None:
+                    self.inflight = self._sample_async(*launched)
+                return
         self._make_room_for_decode()
         if not self.running:
             return
         reqs = list(self.running)
         logits = self._launch_decode(reqs, [r.output_ids[-1] for r in reqs])
         if self._overlappable(reqs):
-            self.inflight = self._sample_async(reqs, logits, pending=0)
+            self.inflight = self._sample_async(reqs, logits)
         else:
             self._emit(reqs, logits)
 
@@ -442,20 +450,33 @@ class Scheduler:
 
     def _overlappable(self, reqs: list[Req]) -> bool:
         """Whether the next step may be launched before this one's ids reach the host:
-        overlap on, a CUDA graph for the batch, and nothing needs the host per token before
-        sampling (constraint masks, logprobs, penalties)."""
+        overlap on, a CUDA graph for the batch, and no request wants logprobs (they are
+        read from the logits when the token is recorded)."""
         return (
             not self.config.disable_overlap_schedule
             and self.runner.uses_graph(len(reqs))
-            and all(
-                r.guide is None and not r.return_logprob and not r.params.uses_penalties
-                for r in reqs
-            )
+            and not any(r.return_logprob for r in reqs)
         )
 
-    def _sample_async(self, reqs: list[Req], logits: torch.Tensor, pending: int) -> InflightDecode:
-        """Sample on the device and start copying the ids to the host (no waiting)."""
-        ids = self.outputs.sample(reqs, logits, pending=pending)
+    def _sample_async(self, reqs: list[Req], logits: torch.Tensor) -> InflightDecode | None:
+        """Mask and sample on the device and start copying the ids to the host (no waiting).
+
+        Called once every earlier token is committed, so constraint states, penalties and
+        ``min_new_tokens`` are current. Rows of requests that stopped meanwhile, or whose
+        output changed under the launched pass (jump-forward), are dropped; None if no row
+        is left."""
+        keep = [
+            i
+            for i, r in enumerate(reqs)
+            if r.status is ReqStatus.RUNNING and len(r.fill_ids) == r.num_kv
+        ]
+        if not keep:
+            return None
+        if len(keep) != len(reqs):
+            logits = logits.index_select(0, to_device(keep, torch.int64, logits.device))
+            reqs = [reqs[i] for i in keep]
+        self.constraints.mask_logits(reqs, logits)
+        ids = self.outputs.sample(reqs, logits)
         # Two pinned buffers in turn: step N's is read by its commit, which comes after
         # step N + 1 was launched (into the other buffer) and before step N + 2 is.
         self._ids_turn ^= 1
@@ -465,10 +486,10 @@ class Scheduler:
         ready.record()
         return InflightDecode(reqs, ids, host, ready)
 
-    def _chain(self, prev: InflightDecode) -> InflightDecode | None:
-        """Launch the step after ``prev`` from its ids on the device, for the requests that
-        cannot have finished by length; None when that is not possible (then ``prev`` is
-        simply committed and the next step starts from the host)."""
+    def _chain(self, prev: InflightDecode) -> tuple[list[Req], torch.Tensor] | None:
+        """Launch the forward pass after ``prev`` from its ids on the device, for the
+        requests that cannot have finished by length; returns them and the logits, or None
+        when that is not possible (then the next step starts from the host)."""
         keep = [
             i
             for i, r in enumerate(prev.reqs)
@@ -486,19 +507,16 @@ class Scheduler:
         ids = prev.ids_device
         if len(reqs) != len(prev.reqs):
             ids = ids.index_select(0, to_device(keep, torch.int64, ids.device))
-        logits = self._launch_decode(reqs, ids)
-        return self._sample_async(reqs, logits, pending=1)
+        return reqs, self._launch_decode(reqs, ids)
 
     def _commit(self, step: InflightDecode) -> None:
-        """Wait for ``step``'s ids and record them (requests finished meanwhile skip theirs)."""
+        """Wait for ``step``'s ids and record them like `_emit` does (requests finished
+        meanwhile skip theirs); a pass launched since may be running."""
         step.ready.synchronize()
         ids = step.ids_host.tolist()
         live = [(r, t) for r, t in zip(step.reqs, ids) if r.status is ReqStatus.RUNNING]
-        finished = self.outputs.commit([r for r, _ in live], [t for _, t in live])
-        for req in finished:
-            if req in self.running:
-                self.running.remove(req)
-            self._release(req)
+        reqs = [r for r, _ in live]
+        self._after_tokens(reqs, self.outputs.commit(reqs, [t for _, t in live]))
 
     def drain(self) -> None:
         """Commit the step in flight, if any: the host state is then complete."""
@@ -526,7 +544,12 @@ class Scheduler:
 
     def _emit(self, reqs: list[Req], logits: torch.Tensor) -> None:
         self.constraints.mask_logits(reqs, logits)
-        for req in self.outputs.process(reqs, logits):  # the requests that finished
+        self._after_tokens(reqs, self.outputs.process(reqs, logits))
+
+    def _after_tokens(self, reqs: list[Req], finished: list[Req]) -> None:
+        """Once ``reqs`` each recorded a token: release the ``finished`` ones and jump the
+        constrained ones forward where their constraint forces text."""
+        for req in finished:
             if req in self.running:
                 self.running.remove(req)
             self._release(req)

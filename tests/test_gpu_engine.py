@@ -192,8 +192,14 @@ def test_dummy_weights_load_on_gpu(tiny_dir: Path) -> None:
 
 def test_overlapped_decode_equals_sequential(tiny_dir: Path) -> None:
     """Overlap (step N + 1 launched from step N's ids on the device) changes nothing:
-    requests finishing at different steps (lengths, a stop string, EOS), one streamed, the
+    requests finishing at different steps (lengths, a stop string, EOS), constrained ones
+    (masks, jump-forward, a terminal state), penalties and min_new_tokens, one streamed: the
     same tokens, text and finish reasons as without overlap; an abort mid-way frees all."""
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 12}, "n": {"type": "integer"}},
+        "required": ["name", "n"],
+    }
     params = [
         {"temperature": 0, "max_new_tokens": n, **extra}
         for n, extra in [
@@ -203,6 +209,10 @@ def test_overlapped_decode_equals_sequential(tiny_dir: Path) -> None:
             (40, {"ignore_eos": True}),
             (3, {}),
             (26, {"temperature": 0.9, "seed": 11}),
+            (48, {"json_schema": json.dumps(schema)}),
+            (24, {"regex": r"(ab|cd)[0-9]{2,6}-[a-z]+"}),
+            (20, {"frequency_penalty": 0.8, "repetition_penalty": 1.3}),
+            (12, {"min_new_tokens": 10, "temperature": 0.7, "seed": 5}),
         ]
     ]
     results = {}
@@ -215,7 +225,8 @@ def test_overlapped_decode_equals_sequential(tiny_dir: Path) -> None:
             disable_overlap_schedule=not overlap,
         ) as eng:
             streamed = list(eng.stream(PROMPTS[0], params[3], incremental=True))
-            out = eng.generate(PROMPTS, params)
+            prompts = (PROMPTS * 3)[: len(params)]
+            out = eng.generate(prompts, params)
             long = {"max_new_tokens": 400, "ignore_eos": True}
             handle = eng.submit(PROMPTS[1], long, stream=True)[0]
             while len(handle.output_ids) < 3 and not handle.finished:
