@@ -410,7 +410,8 @@ class Scheduler:
         only then are step N + 1's masks applied and its tokens sampled."""
         prev = self.inflight
         if prev is not None:
-            if any(r not in prev.reqs for r in self.running):
+            chained = {id(r) for r in prev.reqs}
+            if any(id(r) not in chained for r in self.running):
                 self.drain()  # a request joined outside the chain: restart from the host
             else:
                 self.inflight = None
