@@ -288,9 +288,10 @@ class Scheduler:
         fill = req.fill_ids
         match = self.cache.match_prefix(fill[: self._prefix_limit(req)])
         prefix_len = len(match.slots)
-        if not self.cache.disable and new_fills:
-            shared = max(common_prefix_len(fill, other) for other in new_fills)
-            if shared - prefix_len >= self.config.dedupe_min_shared_tokens:
+        need = prefix_len + self.config.dedupe_min_shared_tokens
+        if not self.cache.disable and new_fills and len(fill) >= need:
+            head = fill[:need]  # sharing this much uncached prefix with a batch member: wait
+            if any(other[:need] == head for other in new_fills):
                 return -1
         remaining = len(fill) - prefix_len
         if remaining == 0:  # a fully cached prefill-only request: nothing to compute
