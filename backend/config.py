@@ -29,6 +29,10 @@ class EngineConfig:
     ``disable_overlap_schedule``. ``load_format="dummy"`` skips the checkpoint's
     weights and initializes them randomly (benchmarks: speed does not depend on the values;
     only ``config.json`` and the tokenizer are read).
+    ``quantization`` (CPU only for now; refused on CUDA): ``"int4"`` stores the decoder's linear
+    weights as Q4_1-style groups of 32 and the output projection as int8, ``"int8"`` stores all
+    of them as per-channel int8 (``backend/quantization.py``; their matmuls round activations to
+    bfloat16); embeddings, norms, attention and the KV cache stay ``dtype``.
     """
 
     model: str | None = None
@@ -56,6 +60,7 @@ class EngineConfig:
     disable_cuda_graph: bool = False
     disable_overlap_schedule: bool = False
     cuda_graph_max_bs: int = 256
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -83,6 +88,15 @@ class EngineConfig:
             )
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if self.quantization not in (None, "int4", "int8"):
+            raise ValueError(
+                f"quantization must be None, 'int4' or 'int8', got {self.quantization!r}"
+            )
+        if self.quantization is not None and str(self.device).startswith("cuda"):
+            raise ValueError(
+                f"quantization={self.quantization!r} is a CPU feature for now; "
+                f"device={self.device!r} is not supported (leave quantization unset on CUDA)"
+            )
         if self.schedule_policy not in ("lpm", "fcfs"):
             raise ValueError(
                 f"schedule_policy must be 'lpm' or 'fcfs', got {self.schedule_policy!r}"

@@ -169,7 +169,11 @@ class Engine:
         self.model_dir = resolve_model_dir(model, require_weights=config.load_format != "dummy")
         self.tokenizer = load_tokenizer(self.model_dir)
         self.model = load_model(
-            self.model_dir, dtype=dtype, device=device, load_format=config.load_format
+            self.model_dir,
+            dtype=dtype,
+            device=device,
+            load_format=config.load_format,
+            quantization=config.quantization,
         )
         if device.type == "cuda":
             self.model.fuse_projections()

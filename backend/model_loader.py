@@ -6,7 +6,8 @@ Contract:
   file is dequantized once (float32) into a cache folder that later calls reuse; the cache
   folder appears atomically, so concurrent converters never expose a half-written folder.
 - ``load_model`` builds our own ``CausalLM`` for the folder's ``model_type`` and loads every
-  tensor by name; missing or unexpected tensors are errors, never silently ignored.
+  tensor by name; missing or unexpected tensors are errors, never silently ignored. With
+  ``quantization`` it then packs the linear weights (``backend.quantization``; CPU only).
 - Nothing here downloads anything.
 """
 
@@ -27,6 +28,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
+
+from backend.quantization import SCHEMES, quantize_model
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -264,6 +267,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     load_format: str = "auto",
+    quantization: str | None = None,
 ) -> CausalLM:
     """Build our ``CausalLM`` for ``model_dir`` and load its safetensors weights.
 
@@ -271,11 +275,18 @@ def load_model(
     is read straight onto ``device`` (safetensors reads into device memory; no host copy of
     the whole model), cast to ``dtype`` and assigned by name. ``load_format="dummy"`` reads
     only ``config.json`` and fills every parameter with small random values on ``device``
-    (benchmarks). Raises ``ValueError`` for an unsupported model type and ``KeyError`` for
-    missing or unexpected tensors.
+    (benchmarks). ``quantization`` (``"int4"``, ``"int8"``; CPU only) fuses the projections and
+    quantizes the linear weights once they are loaded (``quantize_model``); the float matrices
+    are freed. Raises ``ValueError`` for an unsupported model type, a bad ``quantization`` or
+    one on a non-CPU device, and ``KeyError`` for missing or unexpected tensors.
     """
     from backend.models import MODEL_REGISTRY
 
+    if quantization is not None:
+        if quantization not in SCHEMES:
+            raise ValueError(f"quantization must be None or one of {SCHEMES}, got {quantization!r}")
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"quantization={quantization!r} is a CPU feature; device is {device}")
     start = time.perf_counter()
     model_dir = Path(model_dir)
     config = load_config(model_dir)
@@ -293,10 +304,18 @@ def load_model(
     model.to(device=device, dtype=dtype)  # non-persistent buffers (RoPE tables)
     model.eval()
     model.requires_grad_(False)
+    if quantization is not None:
+        quantize_model(model, quantization)
+        # Float tensors read from safetensors share one memory map of the whole file, which
+        # stays mapped (and resident once quantization has read it) while any of them lives:
+        # copy the few left (embedding, norms) so that the map goes.
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = tensor.data.clone()
     logger.info(
-        "Loaded %s (%s, %d layers, %s weights) from %s in %.2f s",
+        "Loaded %s (%s%s, %d layers, %s weights) from %s in %.2f s",
         config.model_type,
         dtype,
+        f", {quantization} linears" if quantization else "",
         model.num_layers,
         load_format,
         model_dir,

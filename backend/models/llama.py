@@ -24,6 +24,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from backend.forward_batch import ForwardBatch
 from backend.fused_ops import add_rms_norm_, rms_norm_reference, rope, silu_and_mul
+from backend.quantization import linear  # F.linear, or a quantized weight's kernel
 
 rms_norm = rms_norm_reference
 
@@ -133,7 +134,7 @@ class Attention(nn.Module):
             )
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
-        return F.linear(x, self.qkv_weight, self.qkv_bias).split([q_size, kv_size, kv_size], -1)
+        return linear(x, self.qkv_weight, self.qkv_bias).split([q_size, kv_size, kv_size], -1)
 
     def forward(self, x: torch.Tensor, rotary: Rotary, batch: ForwardBatch) -> torch.Tensor:
         t = x.shape[0]
@@ -147,7 +148,7 @@ class Attention(nn.Module):
         q = rotary(q)
         k = rotary(k)
         out = batch.attn_backend.forward(q, k, v, self.layer_id, batch)
-        return F.linear(out.reshape(t, -1), self.o_proj.weight, self.o_proj.bias)
+        return linear(out.reshape(t, -1), self.o_proj.weight, self.o_proj.bias)
 
 
 class MLP(nn.Module):
@@ -171,11 +172,11 @@ class MLP(nn.Module):
             gate = self.act_fn(F.linear(x, self.gate_proj.weight, self.gate_proj.bias))
             gate = gate.mul_(F.linear(x, self.up_proj.weight, self.up_proj.bias))
         elif self.act_fn is F.silu:
-            gate = silu_and_mul(F.linear(x, self.gate_up_weight, self.gate_up_bias))
+            gate = silu_and_mul(linear(x, self.gate_up_weight, self.gate_up_bias))
         else:
-            gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, -1)
+            gate, up = linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, -1)
             gate = self.act_fn(gate).mul_(up)
-        return F.linear(gate, self.down_proj.weight, self.down_proj.bias)
+        return linear(gate, self.down_proj.weight, self.down_proj.bias)
 
 
 class DecoderLayer(nn.Module):
@@ -272,7 +273,7 @@ class CausalLM(nn.Module):
     @torch.no_grad()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits ``[N, vocab]`` for the rows of ``hidden`` the caller selected."""
-        return F.linear(hidden, self.lm_head.weight).float()
+        return linear(hidden, self.lm_head.weight).float()
 
 
 def _fuse_linears(projs: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.programs.measure import select_workloads
-from benchmarks.programs.report import attach_checks, plot, speedups, tables
+from benchmarks.programs.report import attach_checks, plot, same_precision, speedups, tables
 from benchmarks.programs.systems import ROOT, all_systems, run_system
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -63,17 +63,19 @@ def main() -> None:
 
     machine = f"{cpu_model()}, {os.cpu_count()} cores, 1 thread per system, one at a time"
     versions = {name: run.get("version", "?") for name, run in raw.items()}
-    print(f"\nMachine: {machine}; model SmolLM2-135M-Instruct (float32; llama.cpp: Q4_1 "
-          "GGUF, llama.cpp-f32: the same weights dequantized), greedy\n")  # fmt: skip
+    print(f"\nMachine: {machine}; model SmolLM2-135M-Instruct (float32; ours-int4: int4 "
+          "linears, int8 output projection; llama.cpp: Q4_1 GGUF, llama.cpp-f32: the same "
+          "weights dequantized), greedy\n")  # fmt: skip
     print("Versions: " + "; ".join(f"{k}: {v}" for k, v in versions.items()) + "\n")
     print(tables(raw, workloads, peers))
     for note in notes:
         print(f"\nNote: {note}")
     summary = {w.name: speedups(raw, peers, w.name) for w in workloads}
+    paired = {w.name: same_precision(raw, w.name) for w in workloads}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(
         {"machine": machine, "size": args.size, "versions": versions, "notes": notes,
-         "speedups": summary, "systems": raw}, indent=1))  # fmt: skip
+         "speedups": summary, "same_precision": paired, "systems": raw}, indent=1))  # fmt: skip
     plot(raw, workloads, peers, args.png)
     print(f"\nwrote {args.json} and {args.png}", file=sys.stderr)
 

@@ -3,8 +3,10 @@
 ``python -m benchmarks.programs.ours CONFIG SIZE [workload ...]`` prints a JSON line per
 workload (``measure.emit``).
 Configurations: ``ours`` (radix cache and jump-forward on), ``ours-no-radix`` (throughput
-only), ``ours-no-jf`` (constrained workloads only) and ``ours-bf16`` (weights cast to
-bfloat16: half the bytes per decode step; outputs may differ from float32). Per workload:
+only), ``ours-no-jf`` (constrained workloads only), ``ours-bf16`` (weights cast to
+bfloat16: half the bytes per decode step; outputs may differ from float32) and
+``ours-int4`` (``quantization="int4"``: Q4_1-style int4 decoder linears and an int8 output
+projection, llama.cpp's Q4_1 file's precision; outputs may differ from float32). Per workload:
 flush the cache, run every program alone (latency), flush, run them all with ``run_batch``
 (throughput, cache hit rate).
 """
@@ -24,6 +26,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "ours-no-radix": {"disable_radix_cache": True},
     "ours-no-jf": {"disable_regex_jump_forward": True},
     "ours-bf16": {"dtype": "bfloat16"},  # not the same weights: a diagnostic column
+    "ours-int4": {"quantization": "int4"},  # against llama.cpp's Q4_1: same precision
 }
 
 

@@ -3,7 +3,9 @@
 Speedups compare ours (radix cache and jump-forward on) with the best peer on each
 workload: latency ``best peer s / ours s`` and throughput ``ours / best peer``; above 1
 means ours is faster. Peers run programs one at a time, so their throughput is the
-inverse of their mean latency.
+inverse of their mean latency. The same-precision pairs (``SAME_PRECISION``) set each of
+our configurations against the peer that runs the same weights: float32 against
+llama.cpp-f32, ``ours-int4`` against llama.cpp on its Q4_1 file.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any
 from benchmarks.programs.workloads import Workload
 
 Raw = dict[str, dict[str, Any]]  # system -> {"version", "results": {workload -> result}}
+SHOWN = ("ours-bf16", "ours-int4")  # our other configurations: columns, not "ours"
+SAME_PRECISION = (("ours", "llama.cpp-f32"), ("ours-int4", "llama.cpp"))
 
 
 def attach_checks(raw: Raw, workloads: list[Workload], size: str) -> None:
@@ -44,9 +48,26 @@ def _cell(result: dict[str, Any], key: str, fmt: str) -> str:
     return "skip" if "skipped" in result else ("fail" if "failed" in result else "–")
 
 
-def speedups(raw: Raw, peers: list[str], workload: str) -> dict[str, Any]:
-    """Best peer (by latency and by throughput) and ours' speedup over it."""
-    ours = _get(raw, "ours", workload)
+def pair_speedup(raw: Raw, ours_name: str, peer: str, workload: str) -> dict[str, float]:
+    """``ours_name``'s latency and throughput speedups over one ``peer`` (>1: ours faster)."""
+    ours, other = _get(raw, ours_name, workload), _get(raw, peer, workload)
+    if "latency_s" not in ours or "latency_s" not in other:
+        return {}
+    return {
+        "latency_speedup": other["latency_s"] / ours["latency_s"],
+        "throughput_speedup": ours["throughput"] / other["throughput"],
+    }
+
+
+def same_precision(raw: Raw, workload: str) -> dict[str, dict[str, float]]:
+    """``pair_speedup`` of every ``SAME_PRECISION`` pair that was measured."""
+    pairs = {f"{a} vs {b}": pair_speedup(raw, a, b, workload) for a, b in SAME_PRECISION}
+    return {name: s for name, s in pairs.items() if s}
+
+
+def speedups(raw: Raw, peers: list[str], workload: str, ours_name: str = "ours") -> dict[str, Any]:
+    """Best peer (by latency and by throughput) and ``ours_name``'s speedup over it."""
+    ours = _get(raw, ours_name, workload)
     measured = [(p, _get(raw, p, workload)) for p in peers]
     measured = [(p, r) for p, r in measured if "latency_s" in r]
     if "latency_s" not in ours or not measured:
@@ -65,7 +86,7 @@ def tables(raw: Raw, workloads: list[Workload], peers: list[str]) -> str:
     """The markdown report: latency, throughput, and our ablations."""
     names = [w.name for w in workloads]
     lines = ["### Latency at parallelism 1 (mean s per program; lower is better)", ""]
-    extra = [s for s in ("ours-bf16",) if s in raw]  # shown, not compared
+    extra = [s for s in SHOWN if s in raw]  # shown; compared below (same precision)
     header = ["workload", "ours", *extra, *peers, "best peer", "ours vs best"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in names:
@@ -101,32 +122,68 @@ def tables(raw: Raw, workloads: list[Workload], peers: list[str]) -> str:
         lines.append(
             f"| {w.name} | {n} | {radix} | {jf} | {hit} | {ours.get('valid', '–')} | {peer_valid} |"
         )
+    pairs = [(a, b) for a, b in SAME_PRECISION if a in raw and b in raw]
+    if pairs:
+        lines += ["", "### Same precision (>1: ours faster)", ""]
+        header = ["workload"]
+        for a, b in pairs:
+            header += [f"{a} vs {b} lat", f"{a} vs {b} thr"]
+        header += ["ours-int4 vs best peer lat", "ours-int4 vs best peer thr", "ours-int4 valid"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for name in names:
+            cells = [name]
+            for a, b in pairs:
+                s = pair_speedup(raw, a, b, name)
+                cells += [f"{s[k]:.2f}x" if s else "–" for k in speedup_keys()]
+            best = speedups(raw, peers, name, "ours-int4")
+            cells += [
+                f"{best[k]:.2f}x ({best[k.split('_')[0] + '_best_peer']})" if best else "–"
+                for k in speedup_keys()
+            ]
+            cells.append(_get(raw, "ours-int4", name).get("valid", "–"))
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def speedup_keys() -> tuple[str, str]:
+    return ("latency_speedup", "throughput_speedup")
+
+
 def plot(raw: Raw, workloads: list[Workload], peers: list[str], path: Path) -> None:
-    """Bar chart of ours' speedup over the best peer per workload (log scale)."""
+    """Bar charts (log scale) of ours' speedup over the best peer per workload and, below,
+    of ``ours-int4`` over llama.cpp on its Q4_1 file (same precision), when measured."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
 
+    panels = []
     rows = [(w.name, speedups(raw, peers, w.name)) for w in workloads]
-    rows = [(n, s) for n, s in rows if s]
-    if not rows:
+    if rows := [(n, s) for n, s in rows if s]:
+        title = "sgl-dsl (float32) vs the best of " + ", ".join(peers) + " (1 CPU thread)"
+        panels.append((title, "ours / best peer", rows))
+    rows = [(w.name, pair_speedup(raw, "ours-int4", "llama.cpp", w.name)) for w in workloads]
+    if rows := [(n, s) for n, s in rows if s]:
+        title = "same precision: ours-int4 vs llama.cpp on the Q4_1 GGUF (1 CPU thread)"
+        panels.append((title, "ours-int4 / llama.cpp", rows))
+    if not panels:
         return
-    fig, ax = plt.subplots(figsize=(9, 4))
-    xs = range(len(rows))
-    ax.bar([x - 0.2 for x in xs], [s["latency_speedup"] for _, s in rows], 0.4,
-           label="latency (parallelism 1)")  # fmt: skip
-    ax.bar([x + 0.2 for x in xs], [s["throughput_speedup"] for _, s in rows], 0.4,
-           label="throughput (high parallelism)")  # fmt: skip
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_yscale("log")
-    ax.set_xticks(list(xs), [n for n, _ in rows], rotation=30, ha="right")
-    ax.set_ylabel("ours / best peer (>1: ours faster)")
-    ax.set_title("sgl-dsl vs the best of " + ", ".join(peers) + " (1 CPU thread)")
-    ax.legend()
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 4 * len(panels)), squeeze=False)
+    for ax, (title, ylabel, rows) in zip(axes[:, 0], panels):
+        xs = range(len(rows))
+        ax.bar([x - 0.2 for x in xs], [s["latency_speedup"] for _, s in rows], 0.4,
+               label="latency (parallelism 1)")  # fmt: skip
+        ax.bar([x + 0.2 for x in xs], [s["throughput_speedup"] for _, s in rows], 0.4,
+               label="throughput (high parallelism)")  # fmt: skip
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis(FormatStrFormatter("%gx"))
+        ax.set_xticks(list(xs), [n for n, _ in rows], rotation=30, ha="right")
+        ax.set_ylabel(f"{ylabel} (>1: ours faster)")
+        ax.set_title(title, fontsize=10)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -41,7 +41,7 @@ class System:
 
 
 def all_systems() -> list[System]:
-    """Ours (four configurations) and the peers, in table order."""
+    """Ours (five configurations) and the peers, in table order."""
     from benchmarks.programs.gguf_f32 import f32_gguf
 
     ours = "benchmarks.programs.ours"
@@ -51,6 +51,7 @@ def all_systems() -> list[System]:
         System("ours-no-radix", ours, ("ours-no-radix",), ours=True),
         System("ours-no-jf", ours, ("ours-no-jf",), ours=True),
         System("ours-bf16", ours, ("ours-bf16",), ours=True),
+        System("ours-int4", ours, ("ours-int4",), ours=True),
         System("transformers", peers + "transformers_peer"),
         System("guidance", peers + "guidance_peer", venv=".venv-peers-guidance"),
         System("outlines", peers + "outlines_peer", venv=".venv-peers-outlines"),
