@@ -1,7 +1,13 @@
 /*
- * fsm._native: token masks computed by walking a token trie over a lazily filled DFA table.
+ * fsm._native: the native core of fsm, one translation unit:
+ *   - _terms.h: TermStore, the hash-consed terms with derivatives (fsm.terms);
+ *   - _dfa_rows.h: DfaRows, a lazy DFA over those terms (fsm.dfa);
+ *   - this file: token-trie walks over a caller's DFA table (fill_mask, walk_bytes; the
+ *     reference walk, described below), and the shared walk helpers;
+ *   - _trie_masks.h: TrieMasks, the token masks of DfaRows states (fsm.token_trie), which
+ *     reach the plain walk's result with skips.
  *
- * The DFA table is a C-contiguous int32[cap][256]: table[q][b] is the state reached from q on
+ * The caller's DFA table for fill_mask and walk_bytes is a C-contiguous int32[cap][256]: table[q][b] is the state reached from q on
  * byte b, or -1 when that transition is dead. Row q may be read only once row_ready[q] != 0;
  * otherwise the Python callback expand(q) fills it (and returns True), or returns False when
  * the table must first grow to a larger capacity. A state q >= cap also asks for growth. In
@@ -74,6 +80,9 @@ static int get_buffer(PyObject *obj, Py_buffer *view, const char *name, Py_ssize
 }
 
 static Py_ssize_t items(const Py_buffer *view) { return view->len / view->itemsize; }
+
+#include "_terms.h"
+#include "_dfa_rows.h"
 
 static inline int row_ready(const Dfa *dfa, Py_ssize_t q) {
     return q < dfa->cap && dfa->ready[q];
@@ -395,6 +404,8 @@ done:
     return PyLong_FromSsize_t(status == ROW_OK ? state : -2);
 }
 
+#include "_trie_masks.h"
+
 static PyMethodDef methods[] = {
     {"fill_mask", fill_mask, METH_VARARGS, fill_mask_doc},
     {"walk_bytes", walk_bytes, METH_VARARGS, walk_bytes_doc},
@@ -409,4 +420,20 @@ static struct PyModuleDef module = {
     .m_methods = methods,
 };
 
-PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__native(void) {
+    if (PyType_Ready(&TermStoreType) < 0 || PyType_Ready(&DfaRowsType) < 0 ||
+        PyType_Ready(&TrieMasksType) < 0) {
+        return NULL;
+    }
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddObjectRef(m, "TermStore", (PyObject *)&TermStoreType) < 0 ||
+        PyModule_AddObjectRef(m, "DfaRows", (PyObject *)&DfaRowsType) < 0 ||
+        PyModule_AddObjectRef(m, "TrieMasks", (PyObject *)&TrieMasksType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

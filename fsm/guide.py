@@ -3,8 +3,9 @@
 `TokenGuide` follows generation token by token. Its states are the states of a `LazyDFA`
 over bytes; a token is allowed in a state when its whole byte string leads to a live state
 (one from which acceptance is still reachable), and an end-of-sequence token only where the
-state accepts. Masks are computed on first visit by the native trie walk and cached per
-state, so a revisited state costs a dictionary lookup and the caller copies the cached words.
+state accepts. Masks are computed on first visit by one native call (`TokenTrie.state_mask`:
+a trie walk that skips what a slice proof covers) and cached per state, so a revisited state
+costs a dictionary lookup and the caller copies the cached words.
 
 Thread safety: one lock guards the lazy parts, so a guide may be shared between threads.
 """
@@ -16,7 +17,6 @@ import threading
 import numpy as np
 
 from fsm.dfa import DEAD, LazyDFA
-from fsm.token_trie import GROW, walk_bytes
 from fsm.vocabulary import Vocabulary
 
 
@@ -43,14 +43,8 @@ class TokenGuide:
 
     def _compute_mask(self, state: int) -> np.ndarray:
         """The read-only mask of `state` (see `allowed_mask`); the caller holds the lock."""
-        trie, dfa = self.vocab.trie, self.dfa
-        loop = trie.loop_info(dfa.row(state) == state)  # dfa.row expands (and grows) as needed
-        mask = trie.new_mask()
-        while not trie.fill_mask(dfa.table, dfa.row_ready, state, dfa.expand, mask, loop):
-            dfa.grow()
-        if dfa.is_accepting(state):
-            eos = self._eos
-            np.bitwise_or.at(mask, eos >> 5, np.left_shift(1, eos & 31).astype(np.uint32))
+        mask = self.vocab.trie.new_mask()
+        self.vocab.trie.state_mask(self.dfa.rows, state, mask, self._eos)
         mask.setflags(write=False)
         return mask
 
@@ -75,13 +69,8 @@ class TokenGuide:
 
     def walk(self, state: int, data: bytes) -> int:
         """The state after the bytes `data`, or DEAD."""
-        if state == DEAD:
-            return DEAD
-        dfa = self.dfa
         with self._lock:
-            while (nxt := walk_bytes(dfa.table, dfa.row_ready, state, data, dfa.expand)) == GROW:
-                dfa.grow()
-        return nxt
+            return self.dfa.walk(state, data)
 
     def is_accepting(self, state: int) -> bool:
         return self.dfa.is_accepting(state)

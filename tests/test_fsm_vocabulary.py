@@ -354,7 +354,7 @@ def test_loop_skip_walks_only_paths_leaving_the_loop() -> None:
     def never(q: int) -> bool:
         pytest.fail(f"expand({q})")
 
-    assert _native.fill_mask(*args, trie.token_alias, 0, never, mask, *info)
+    assert _native.fill_mask(*args, trie.token_alias, 0, never, mask, info.mask, info.covered)
     assert mask_ids(mask, 6) == {0, 1, 2, 3, 4, 5}
     with pytest.raises(ValueError, match="token id out of range"):
         _native.fill_mask(*args, trie.token_alias, 0, never, mask, None, None)
@@ -416,7 +416,7 @@ def test_native_walk_errors() -> None:
     assert info is not None
     native_args = (table, ready, trie.node_byte, trie.node_depth, trie.node_skip, trie.node_token)
     tail = (trie.token_alias, 0, ok[3], trie.new_mask())
-    assert _native.fill_mask(*native_args, *tail, *info)
+    assert _native.fill_mask(*native_args, *tail, info.mask, info.covered)
     bad_loops = [
         (info.mask[:-1], info.covered),
         (info.mask, info.covered[:-1]),
