@@ -25,6 +25,7 @@ Contract:
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
 import torch
@@ -42,7 +43,7 @@ _INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 _INT8_MM = torch.ops.aten._weight_int8pack_mm.default
 
 
-class QuantizedWeight:
+class QuantizedWeight(ABC):
     """A packed ``[out_features, in_features]`` matrix and its kernel."""
 
     out_features: int
@@ -60,17 +61,18 @@ class QuantizedWeight:
         out = self._mm(x.to(torch.bfloat16).contiguous()).to(x.dtype)
         return out if bias is None else out.add_(bias)
 
+    @abstractmethod
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The kernel: ``x`` ``[M, in_features]`` bfloat16, contiguous."""
 
+    @abstractmethod
     def dequantize(self) -> torch.Tensor:
         """The float32 matrix this weight stands for."""
-        raise NotImplementedError
 
     @property
+    @abstractmethod
     def nbytes(self) -> int:
         """Bytes read per use of the weight (packed values and scales)."""
-        raise NotImplementedError
 
 
 class Int4Weight(QuantizedWeight):
