@@ -175,6 +175,24 @@ static int set_tokens(const Trie *trie, const int32_t *ids, int count) {
     return 0;
 }
 
+/* Tokens reached by a walk, buffered and set in the mask a batch at a time: a walk only
+ * appends to `ids`, with no branch on whether a node ends a token and no stores into the mask
+ * (this nearly halves a walk of the whole trie against setting bits in place). */
+typedef struct {
+    int32_t ids[TOKEN_BATCH];
+    int count;
+} TokenBuffer;
+
+/* Keep `token` (a node's token id, negative where the node ends none); a full buffer is
+ * flushed into the mask. 0, or -1 on a bad id (see set_tokens). */
+static inline int buffer_token(const Trie *trie, TokenBuffer *buf, int32_t token) {
+    buf->ids[buf->count] = token;
+    buf->count += token >= 0;
+    if (buf->count < TOKEN_BATCH) return 0;
+    buf->count = 0;
+    return set_tokens(trie, buf->ids, TOKEN_BATCH);
+}
+
 /* Grow the state stack (need >= *cap) so that index `need` is valid; 0 on success, -1 with
  * MemoryError. */
 static int reserve(Py_ssize_t **states, Py_ssize_t *cap, Py_ssize_t need) {
@@ -206,11 +224,7 @@ static int walk_trie(const Dfa *dfa, const Trie *trie, const uint8_t *loop_cover
     }
     states[0] = start;
     Py_ssize_t top = 0; /* states[0 .. top] hold the current path */
-    /* Tokens reached are buffered and set in the mask a batch at a time: the loop below only
-     * appends to found[], with no branch on whether a node ends a token and no stores into
-     * the mask (this nearly halves a walk of the whole trie against setting bits in place). */
-    int32_t found[TOKEN_BATCH];
-    int n_found = 0;
+    TokenBuffer found = {.count = 0};
     int status = ROW_OK;
     Py_ssize_t i = 0;
     while (i < n) {
@@ -244,19 +258,13 @@ static int walk_trie(const Dfa *dfa, const Trie *trie, const uint8_t *loop_cover
         }
         states[d] = next;
         top = d;
-        int32_t t = node_token[i];
-        found[n_found] = t;
-        n_found += t >= 0; /* keep t only when node i ends a token */
-        if (n_found == TOKEN_BATCH) {
-            if (set_tokens(trie, found, n_found) < 0) {
-                status = ROW_ERROR;
-                break;
-            }
-            n_found = 0;
+        if (buffer_token(trie, &found, node_token[i]) < 0) {
+            status = ROW_ERROR;
+            break;
         }
         i++;
     }
-    if (status == ROW_OK && set_tokens(trie, found, n_found) < 0) {
+    if (status == ROW_OK && set_tokens(trie, found.ids, found.count) < 0) {
         status = ROW_ERROR;
     }
     PyMem_Free(states);

@@ -269,8 +269,7 @@ static int walk_loop(DfaRowsObject *d, const Trie *trie, const LoopView *lv, Py_
     }
     states[0] = start;
     Py_ssize_t top = 0;
-    int32_t found[TOKEN_BATCH];
-    int n_found = 0;
+    TokenBuffer found = {.count = 0};
     int status = ROW_OK;
     Py_ssize_t i = 0;
     while (i < n) {
@@ -319,19 +318,13 @@ static int walk_loop(DfaRowsObject *d, const Trie *trie, const LoopView *lv, Py_
         }
         states[depth] = next;
         top = depth;
-        int32_t t = node_token[i];
-        found[n_found] = t;
-        n_found += t >= 0;
-        if (n_found == TOKEN_BATCH) {
-            if (set_tokens(trie, found, n_found) < 0) {
-                status = ROW_ERROR;
-                break;
-            }
-            n_found = 0;
+        if (buffer_token(trie, &found, node_token[i]) < 0) {
+            status = ROW_ERROR;
+            break;
         }
         i++;
     }
-    if (status == ROW_OK && set_tokens(trie, found, n_found) < 0) {
+    if (status == ROW_OK && set_tokens(trie, found.ids, found.count) < 0) {
         status = ROW_ERROR;
     }
     PyMem_Free(states);
