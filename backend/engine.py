@@ -27,6 +27,7 @@ from backend.constrained import Constraints
 from backend.kv_pool import KVPool, ReqToTokenTable, kv_pool_capacity
 from backend.model_loader import load_model, load_tokenizer, resolve_model_dir
 from backend.model_runner import ModelRunner
+from backend.native_decoder import NativeDecoder, unsupported_reason
 from backend.output_processor import OutputProcessor
 from backend.radix_cache import RadixCache
 from backend.request import Req, ReqUpdate
@@ -202,6 +203,7 @@ class Engine:
             attn_backend,
             self.pool,
             cuda_graph_sizes=self._cuda_graph_sizes(attn_backend),
+            native_decoder=self._native_decoder(),
         )
         self._outputs = OutputProcessor(
             self.tokenizer,
@@ -478,6 +480,16 @@ class Engine:
         if len(ids) >= pool_size:
             raise ValueError(f"the prompt has {len(ids)} tokens; the KV pool holds {pool_size}")
 
+    def _native_decoder(self) -> NativeDecoder | None:
+        """One native call per decode step for packed (quantized) models that it supports."""
+        if self.config.quantization is None:
+            return None
+        reason = unsupported_reason(self.model, self.pool)
+        if reason is not None:
+            logger.info("Decode steps run op by op: %s", reason)
+            return None
+        return NativeDecoder(self.model, self.pool)
+
     def _cuda_graph_sizes(self, attn_backend: object) -> list[int]:
         """Decode batch sizes to capture: none off CUDA, without Triton or when disabled."""
         if self.pool.device.type != "cuda" or self.config.disable_cuda_graph:
@@ -552,6 +564,12 @@ class Engine:
                 except Exception as exc:  # keep serving: fail the requests in flight
                     logger.exception("engine step failed")
                     self._fail_all(f"internal error: {exc}")
+                    # The failed pass may have left KV half-written in slots the requests
+                    # handed to the cache: drop every cached prefix rather than reuse one.
+                    try:
+                        self.cache.reset()
+                    except RuntimeError:
+                        logger.exception("could not drop the cached prefixes")
 
     def _fail_all(self, message: str) -> None:
         sched = self.scheduler

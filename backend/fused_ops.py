@@ -12,14 +12,17 @@ one Triton launch, computing in float32 and rounding once:
 - `rope(x, positions, cos, sin_signed)`: rotate-half RoPE of ``x`` ``[T, heads, D]`` into a
   new contiguous tensor, with the model's ``[max_len, D]`` tables.
 
-Each function takes the Triton path for CUDA tensors when Triton imports, else runs the
-torch reference, which the model's CPU path uses and the tests compare against.
+Each function takes the Triton path for CUDA tensors when Triton imports, the native C path
+(``backend/cpu_ops.py``) for CPU tensors of float32 or bfloat16, and otherwise the torch
+reference, which the tests compare both against.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from backend import cpu_ops
 
 try:
     import triton
@@ -50,32 +53,42 @@ def _use_triton(t: torch.Tensor) -> bool:
     return triton is not None and t.is_cuda
 
 
+def _use_native(*tensors: torch.Tensor | None) -> bool:
+    return all(t is None or cpu_ops.supports(t) for t in tensors)
+
+
 def add_rms_norm_(
     delta: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> torch.Tensor:
     """``residual += delta`` in place (when given); return RMSNorm(residual) (module doc)."""
-    if not _use_triton(residual):
-        if delta is not None:
-            residual.add_(delta)
-        return rms_norm_reference(residual, weight, eps)
-    return add_rms_norm_triton_(delta, residual, weight, eps)
+    if _use_triton(residual):
+        return add_rms_norm_triton_(delta, residual, weight, eps)
+    if _use_native(residual, weight, delta) and residual.is_contiguous():
+        return cpu_ops.add_rms_norm_(delta, residual, weight, eps)
+    if delta is not None:
+        residual.add_(delta)
+    return rms_norm_reference(residual, weight, eps)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` where ``gate_up`` is ``[T, 2 * I]`` = ``cat(gate, up)``."""
-    if not _use_triton(gate_up):
-        gate, up = gate_up.chunk(2, -1)
-        return F.silu(gate).mul_(up)
-    return silu_and_mul_triton(gate_up)
+    if _use_triton(gate_up):
+        return silu_and_mul_triton(gate_up)
+    if _use_native(gate_up):
+        return cpu_ops.silu_and_mul(gate_up)
+    gate, up = gate_up.chunk(2, -1)
+    return F.silu(gate).mul_(up)
 
 
 def rope(
     x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor
 ) -> torch.Tensor:
     """RoPE of ``x`` ``[T, heads, D]`` (last dim contiguous) as a new contiguous tensor."""
-    if not _use_triton(x):
-        return rope_reference(x, positions, cos, sin_signed)
-    return rope_triton(x, positions, cos, sin_signed)
+    if _use_triton(x):
+        return rope_triton(x, positions, cos, sin_signed)
+    if _use_native(x) and cos.dtype == sin_signed.dtype == torch.float32:
+        return cpu_ops.rope(x, positions, cos, sin_signed)
+    return rope_reference(x, positions, cos, sin_signed)
 
 
 # ---- Triton launchers (any device Triton runs on: CUDA, or CPU under TRITON_INTERPRET=1) ----

@@ -8,12 +8,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from backend.attention.base import AttentionBackend
+from backend.attention.torch_backend import TorchAttentionBackend, padded_slots
 from backend.forward_batch import ForwardBatch, ForwardMode
 from backend.kv_pool import KVPool, ReqToTokenTable
 from backend.models.llama import CausalLM
 
 if TYPE_CHECKING:
     from backend.cuda_graph_runner import CudaGraphRunner
+    from backend.native_decoder import NativeDecoder
 
 
 class ModelRunner:
@@ -23,7 +25,9 @@ class ModelRunner:
     prefix and of the new tokens (the scheduler allocates them). The table may live on the
     host while the model and the pool are on a GPU: the slots a pass needs travel with it.
     With ``cuda_graph_sizes`` (CUDA, Triton attention, host table), decode steps of up to
-    the largest size replay captured graphs (``backend/cuda_graph_runner.py``).
+    the largest size replay captured graphs (``backend/cuda_graph_runner.py``). With a
+    ``native_decoder`` (packed models on the CPU), decode steps that the attention backend
+    would run natively are one native call (``backend/native_decoder.py``).
     """
 
     def __init__(
@@ -33,10 +37,12 @@ class ModelRunner:
         attn_backend: AttentionBackend,
         pool: KVPool | None = None,
         cuda_graph_sizes: Sequence[int] = (),
+        native_decoder: NativeDecoder | None = None,
     ) -> None:
         self.model = model
         self.table = table
         self.attn_backend = attn_backend
+        self.native_decoder = native_decoder
         self.device = pool.device if pool is not None else table.table.device
         self.graphs: CudaGraphRunner | None = None
         if cuda_graph_sizes:
@@ -105,6 +111,16 @@ class ModelRunner:
             return self.graphs.run(self.table.table, rows, seq_lens, last_tokens)
         if isinstance(last_tokens, torch.Tensor):
             raise ValueError("device-side input ids need a captured CUDA graph")
+        if self.native_decoder is not None and rows:
+            slots = [self.table.table[r, :n] for r, n in zip(rows, seq_lens)]
+            if isinstance(self.attn_backend, TorchAttentionBackend) and (
+                self.attn_backend.decodes_natively(slots)
+            ):
+                positions = [n - 1 for n in seq_lens]
+                padded, lens = padded_slots(slots)
+                return self.native_decoder.logits(
+                    last_tokens, positions, self.table.table[list(rows), positions], padded, lens
+                )
         return self.logits(self.decode(rows, seq_lens, last_tokens))
 
     def _run(

@@ -2,19 +2,20 @@
 
 Contract:
 - ``quantize_int4(w)`` / ``quantize_int8(w)`` pack a float weight ``[N, K]``;
-  ``QuantizedWeight.dequantize()`` is the float32 matrix the kernel actually multiplies by
-  (bfloat16 scales included), so a float model holding those matrices is the exact reference.
+  ``QuantizedWeight.dequantize()`` is the float32 matrix the packed values stand for.
 - int4 is llama.cpp's Q4_1: asymmetric, groups of 32 along K; per group ``d = (max - min) / 15``
-  and ``m = min``, value ``q * d + m`` with ``q`` in ``[0, 15]``. Kernel: torch's
-  ``_weight_int4pack_mm_for_cpu``, which computes ``(q - 8) * scale + zero``; so ``scale = d``,
-  ``zero = m + 8 d``, both stored as bfloat16 and ``q`` rounded against the stored values.
-- int8: symmetric per output channel, ``scale = max|w| / 127`` (bfloat16); kernel
-  ``_weight_int8pack_mm``.
-- Shapes the kernels cannot take fall back, per matrix (logged): int4 needs ``N % 16 == 0``
-  and ``K % 32 == 0``, else int8; int8 needs ``K % 16 == 0`` (torch's kernel crashes on
-  other K), else the matrix stays float. Nothing is padded.
-- ``QuantizedWeight.linear(x, bias)`` runs the kernel on bfloat16 activations (the float32
-  variants of these kernels are 10-30x slower) and returns ``x.dtype``; ``bias`` stays float.
+  and ``m = min``, both stored as bfloat16; a value is ``q * d + m`` with ``q`` in ``[0, 15]``
+  rounded against the stored ``d`` and ``m``. int8: symmetric per output channel,
+  ``scale = max|w| / 127`` (bfloat16).
+- The kernels are native (``backend/_cpu_quant.h`` through ``backend.cpu_ops``): like
+  llama.cpp, they quantize the activations to int8 per block of 32 and take exact integer
+  dot products, so a product differs from ``x @ dequantize().T`` only by the activations'
+  rounding (about 1/254 of each value) and summation order. They take float32 or bfloat16
+  activations and return that dtype; one thread. From ``BF16_GEMM_MIN_ROWS`` rows
+  (prefill), where oneDNN has bfloat16 GEMMs, the matrix is dequantized to bfloat16 instead
+  and multiplied with the activations rounded to bfloat16.
+- Shapes the formats cannot take fall back, per matrix (logged): int4 needs ``K % 64 == 0``,
+  else int8; int8 needs ``K % 32 == 0``, else the matrix stays float. Nothing is padded.
 - ``linear(x, weight, bias)`` is the model's one hook: ``F.linear`` for a float weight.
 - ``quantize_model(model, scheme)`` fuses a loaded ``CausalLM``'s projections, then replaces
   in place every decoder linear (``"int4"`` or ``"int8"``) and the output projection (int8
@@ -32,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backend import cpu_ops
+
 if TYPE_CHECKING:
     from backend.models.llama import CausalLM
 
@@ -39,8 +42,11 @@ logger = logging.getLogger(__name__)
 
 SCHEMES: tuple[str, ...] = ("int4", "int8")
 GROUP_SIZE = 32
-_INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
-_INT8_MM = torch.ops.aten._weight_int8pack_mm.default
+# From this many rows (prefill), a bfloat16 GEMM over the dequantized matrix beats the
+# integer kernel, whose cost grows with the rows (crossover measured at ~32 rows on an
+# AVX-512 BF16 CPU); only where oneDNN has bfloat16 GEMMs.
+BF16_GEMM_MIN_ROWS = 32
+BF16_GEMM = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class QuantizedWeight(ABC):
@@ -58,12 +64,24 @@ class QuantizedWeight(ABC):
         if x.dim() != 2:
             out = self.linear(x.reshape(-1, self.in_features), bias)
             return out.view(*x.shape[:-1], self.out_features)
-        out = self._mm(x.to(torch.bfloat16).contiguous()).to(x.dtype)
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        if not cpu_ops.supports(x):  # another dtype: through float32
+            return self.linear(x.float(), bias).to(x.dtype)
+        if BF16_GEMM and x.shape[0] >= BF16_GEMM_MIN_ROWS:
+            out = F.linear(x.to(torch.bfloat16), self.dequantize_bf16()).to(x.dtype)
+        else:
+            out = cpu_ops.qmatmul(*self.packed_parts, x)
         return out if bias is None else out.add_(bias)
 
+    @property
     @abstractmethod
-    def _mm(self, x: torch.Tensor) -> torch.Tensor:
-        """The kernel: ``x`` ``[M, in_features]`` bfloat16, contiguous."""
+    def packed_parts(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """``(kind, weights, scales)`` as ``cpu_ops.qmatmul`` takes them."""
+
+    def dequantize_bf16(self) -> torch.Tensor:
+        """The matrix as bfloat16, computed natively (for the prefill GEMM)."""
+        return cpu_ops.dequantize(*self.packed_parts)
 
     @abstractmethod
     def dequantize(self) -> torch.Tensor:
@@ -76,34 +94,34 @@ class QuantizedWeight(ABC):
 
 
 class Int4Weight(QuantizedWeight):
-    """Q4_1 groups of 32 in torch's CPU int4 layout (see the module docstring)."""
+    """Q4_1 groups of 32 in the native kernel's layout (``backend/_cpu_quant.h``): ``packed``
+    uint8 ``[N, K / 2]`` (groups ``2p`` and ``2p + 1`` share 32 bytes, low and high nibbles)
+    and ``dm`` bfloat16 ``[N, K / 32, 2]``, each group's ``(d, m)``."""
 
-    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, n: int, k: int):
-        self.packed = packed  # uint8 [N, K / 2], opaque layout
-        self.scales_and_zeros = scales_and_zeros  # bfloat16 [K / 32, N, 2]
-        self.out_features, self.in_features = n, k
+    def __init__(self, packed: torch.Tensor, dm: torch.Tensor) -> None:
+        self.packed = packed
+        self.dm = dm
+        self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 2
 
-    def _mm(self, x: torch.Tensor) -> torch.Tensor:
-        return _INT4_MM(x, self.packed, GROUP_SIZE, self.scales_and_zeros)
+    @property
+    def packed_parts(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        return cpu_ops.Q4, self.packed, self.dm
 
     def codes(self) -> torch.Tensor:
-        """The 4-bit values ``q`` ``[N, K]`` (int64), read back through the kernel itself
-        (scale 1, zero 8, identity activations), so the packed layout never matters here."""
-        unit = torch.empty_like(self.scales_and_zeros)
-        unit[..., 0], unit[..., 1] = 1.0, 8.0
-        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
-        q = _INT4_MM(eye, self.packed, GROUP_SIZE, unit)
-        return q.t().round().long()
+        """The 4-bit values ``q`` ``[N, K]`` (int64)."""
+        n, k = self.shape
+        pairs = self.packed.view(n, k // (2 * GROUP_SIZE), 1, GROUP_SIZE)
+        return torch.cat((pairs & 15, pairs >> 4), 2).view(n, k).long()
 
     def dequantize(self) -> torch.Tensor:
-        n, k = self.out_features, self.in_features
+        n, k = self.shape
         q = self.codes().view(n, k // GROUP_SIZE, GROUP_SIZE).float()
-        scale, zero = self.scales_and_zeros.float().permute(1, 0, 2).unbind(-1)
-        return ((q - 8) * scale[..., None] + zero[..., None]).view(n, k)
+        d, m = self.dm.float().unbind(-1)
+        return (q * d[..., None] + m[..., None]).view(n, k)
 
     @property
     def nbytes(self) -> int:
-        return self.packed.nbytes + self.scales_and_zeros.nbytes
+        return self.packed.nbytes + self.dm.nbytes
 
 
 class Int8Weight(QuantizedWeight):
@@ -114,8 +132,9 @@ class Int8Weight(QuantizedWeight):
         self.scales = scales  # bfloat16 [N]
         self.out_features, self.in_features = values.shape
 
-    def _mm(self, x: torch.Tensor) -> torch.Tensor:
-        return _INT8_MM(x, self.values, self.scales)
+    @property
+    def packed_parts(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        return cpu_ops.Q8, self.values, self.scales
 
     def dequantize(self) -> torch.Tensor:
         return self.values.float() * self.scales.float()[:, None]
@@ -126,41 +145,41 @@ class Int8Weight(QuantizedWeight):
 
 
 def int4_supported(n: int, k: int) -> bool:
-    return n % 16 == 0 and k % GROUP_SIZE == 0
+    return k % (2 * GROUP_SIZE) == 0
 
 
 def int8_supported(n: int, k: int) -> bool:
-    return k % 16 == 0
+    return k % GROUP_SIZE == 0
 
 
 def quantize_int4(weight: torch.Tensor) -> Int4Weight:
     """Q4_1 quantization of a float ``[N, K]`` matrix (``int4_supported`` must hold)."""
     n, k = weight.shape
     if not int4_supported(n, k):
-        raise ValueError(f"int4 needs N % 16 == 0 and K % 32 == 0, got a {n}x{k} matrix")
+        raise ValueError(f"int4 needs K % 64 == 0, got a {n}x{k} matrix")
     groups = weight.detach().float().reshape(n, k // GROUP_SIZE, GROUP_SIZE)
     low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
-    d = (high - low) / 15
-    scale = d.to(torch.bfloat16).float()
-    zero = (low + 8 * d).to(torch.bfloat16).float()
-    # A constant group gets scale 0: every q then decodes to ``zero`` (q = 8 is stored).
-    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
-    q = torch.round((groups - zero) * inverse + 8).clamp_(0, 15).to(torch.int32).view(n, k)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    scales_and_zeros = torch.cat((scale, zero), -1).permute(1, 0, 2).to(torch.bfloat16)
-    return Int4Weight(packed, scales_and_zeros.contiguous(), n, k)
+    d = ((high - low) / 15).to(torch.bfloat16).float()
+    m = low.to(torch.bfloat16).float()
+    # A constant group gets d = 0: every q is then 0 and decodes to m.
+    inverse = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    q = torch.round((groups - m) * inverse).clamp_(0, 15).to(torch.uint8)
+    pairs = q.view(n, k // (2 * GROUP_SIZE), 2, GROUP_SIZE)
+    packed = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(n, k // 2)
+    dm = torch.cat((d, m), -1).to(torch.bfloat16)
+    return Int4Weight(packed.contiguous(), dm.contiguous())
 
 
 def quantize_int8(weight: torch.Tensor) -> Int8Weight:
     """Symmetric per-channel int8 of a float ``[N, K]`` matrix (``int8_supported`` must hold)."""
     n, k = weight.shape
     if not int8_supported(n, k):
-        raise ValueError(f"int8 needs K % 16 == 0, got a {n}x{k} matrix")
+        raise ValueError(f"int8 needs K % 32 == 0, got a {n}x{k} matrix")
     w = weight.detach().float()
     scale = (w.abs().amax(1) / 127).to(torch.bfloat16).float()
     inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
     values = torch.round(w * inverse[:, None]).clamp_(-127, 127).to(torch.int8)
-    return Int8Weight(values, scale.to(torch.bfloat16))
+    return Int8Weight(values.contiguous(), scale.to(torch.bfloat16))
 
 
 def quantize_weight(weight: torch.Tensor, scheme: str) -> QuantizedWeight | torch.Tensor:
@@ -170,9 +189,9 @@ def quantize_weight(weight: torch.Tensor, scheme: str) -> QuantizedWeight | torc
         return quantize_int4(weight)
     if int8_supported(n, k):
         if scheme == "int4":
-            logger.info("int4 cannot take a %dx%d matrix: it is int8", n, k)
+            logger.info("int4 cannot take a %dx%d matrix (K %% 64 != 0): it is int8", n, k)
         return quantize_int8(weight)
-    logger.warning("int8 cannot take a %dx%d matrix (K %% 16 != 0): it stays float", n, k)
+    logger.warning("int8 cannot take a %dx%d matrix (K %% 32 != 0): it stays float", n, k)
     return weight
 
 

@@ -54,7 +54,8 @@ class Req:
     KV bookkeeping: ``row`` is the request's row in the ReqToTokenTable while it holds KV;
     its first ``num_kv`` entries are computed token slots, of which the first
     ``num_tree_owned`` belong to the radix cache (locked through ``last_node``) and the rest
-    are owned by this request alone.
+    are owned by this request alone. During a prefill pass, the next ``pending_slots``
+    entries are the slots of the chunk being computed (0 outside a pass).
     """
 
     rid: str
@@ -71,6 +72,7 @@ class Req:
     row: int | None = None
     num_kv: int = 0
     num_tree_owned: int = 0
+    pending_slots: int = 0
     last_node: TreeNode | None = None
     cached_tokens: int = 0
     admitted_once: bool = False

@@ -86,6 +86,9 @@ class Scheduler:
         self.running: list[Req] = []
         self.chunked: Req | None = None
         self.extending: list[Req] = []  # jumped forward: hold a row, need a prefill
+        # The batch of the prefill pass running now: out of every queue until the pass has
+        # placed them, and still found (and failed) by `requests()` if the pass raises.
+        self.prefilling: list[Req] = []
         self.new_token_ratio = config.init_new_token_ratio
         self._ratio_decay = (
             config.init_new_token_ratio - config.min_new_token_ratio
@@ -125,7 +128,9 @@ class Scheduler:
     def requests(self) -> list[Req]:
         """Every request the scheduler holds, wherever it is."""
         chunked = [self.chunked] if self.chunked else []
-        return [*self.compiling, *self.waiting, *chunked, *self.extending, *self.running]
+        held = [*self.compiling, *self.waiting, *chunked, *self.extending, *self.running]
+        ids = {id(r) for r in held}
+        return held + [r for r in self.prefilling if id(r) not in ids]
 
     def abort(self, rid: str, message: str = "aborted") -> bool:
         """Abort ``rid`` wherever it is; frees everything it holds. False if unknown."""
@@ -141,7 +146,7 @@ class Scheduler:
     def _remove(self, req: Req) -> None:
         if self.chunked is req:
             self.chunked = None
-        for queue in (self.compiling, self.waiting, self.extending, self.running):
+        for queue in (self.compiling, self.waiting, self.extending, self.running, self.prefilling):
             if req in queue:
                 queue.remove(req)
 
@@ -341,8 +346,10 @@ class Scheduler:
     def _run_prefill(self, batch: list[tuple[Req, int]]) -> None:
         self.forward_steps["prefill"] += 1
         self.chunked = None
+        self.prefilling = [req for req, _ in batch]
         rows, prefix_lens, new_tokens = [], [], []
         for req, chunk in batch:
+            req.pending_slots = chunk
             rows.append(req.row)
             prefix_lens.append(req.num_kv)
             new_tokens.append(req.fill_ids[req.num_kv : req.num_kv + chunk])
@@ -383,6 +390,7 @@ class Scheduler:
 
         for req, chunk in batch:
             req.num_kv += chunk
+            req.pending_slots = 0
             if req.wants_input_logprobs and req.num_kv >= len(req.input_ids):
                 req.input_logprobs_done = True
             self._cache_unfinished(req)
@@ -394,6 +402,7 @@ class Scheduler:
         if samplers:
             assert logits is not None
             self._emit(samplers, logits[num_logprob_rows:])
+        self.prefilling = []
 
     # ---- decode -----------------------------------------------------------------------
 
@@ -601,6 +610,10 @@ class Scheduler:
         cache is disabled), its lock, its table row. Outputs are kept (for retraction)."""
         if req.row is None:
             return
+        if req.pending_slots:  # a prefill pass failed: its chunk was never computed
+            pending = self.table.table[req.row, req.num_kv : req.num_kv + req.pending_slots]
+            self.pool.free(pending.clone())
+            req.pending_slots = 0
         if self.cache.disable:
             self.pool.free(self.table.table[req.row, : req.num_kv].clone())
         else:

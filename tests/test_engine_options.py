@@ -15,6 +15,7 @@ from backend.config import EngineConfig
 from backend.engine import Engine
 from backend.kv_pool import CPU_DEFAULT_SLOTS
 from backend.model_loader import load_model
+from backend.models.llama import Rotary
 
 
 def padded_vocab_dir(tiny_root: Path, tmp_path: Path, extra: int) -> Path:
@@ -62,14 +63,16 @@ def test_dummy_load_ignores_checkpoint_weights(tiny_root: Path) -> None:
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_fused_projections_compute_the_same(tmp_path: Path, tiny_root: Path, arch: str) -> None:
-    """q/k/v and gate/up fused into one GEMM each: same outputs (biases included), and the
-    separate weights become views of the fused ones (no extra memory)."""
+    """q/k/v and gate/up fused into one GEMM each: same outputs (biases and RoPE included),
+    and the separate weights become views of the fused ones (no extra memory)."""
     folder = tiny_root / arch if (tiny_root / arch).is_dir() else write_tiny_model(tmp_path, arch)
     plain, fused = load_model(folder), load_model(folder)
     fused.fuse_projections()
     x = torch.randn(7, plain.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    rotary = Rotary(plain.rope_cos, plain.rope_sin, torch.arange(3, 10))
     for a, b in zip(plain.model.layers, fused.model.layers):
-        for p, q in zip(a.self_attn._project_qkv(x), b.self_attn._project_qkv(x)):
+        # fused: one RoPE call over the neighbouring q and k heads (but for Qwen3's q/k norms)
+        for p, q in zip(a.self_attn._project_qkv(x, rotary), b.self_attn._project_qkv(x, rotary)):
             torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(a.mlp(x), b.mlp(x), atol=1e-5, rtol=1e-5)
         attn = b.self_attn

@@ -1,8 +1,9 @@
 """Weight-only quantization (``EngineConfig.quantization``): packing, kernels, the engine.
 
 The reference for a quantized model is the same model with every packed matrix replaced by
-its ``dequantize()``d float32 matrix (what the kernels multiply by): the only remaining
-difference is that the kernels round activations and outputs to bfloat16.
+its ``dequantize()``d float32 matrix (what the packed values stand for): the remaining
+difference is that the kernels quantize activations to int8 per block of 32, as llama.cpp
+does. The kernels themselves are checked exactly against that arithmetic.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from backend import cpu_ops
 from backend.config import EngineConfig
 from backend.engine import Engine
 from backend.model_loader import load_model, resolve_model_dir
 from backend.models.llama import CausalLM
 from backend.quantization import (
+    BF16_GEMM,
+    BF16_GEMM_MIN_ROWS,
     GROUP_SIZE,
     Int4Weight,
     Int8Weight,
@@ -46,13 +50,14 @@ PROMPTS = [
 ]
 NEW_TOKENS = 32
 # Teacher-forced on the quantized engine's own greedy outputs, the dequantized reference
-# picks the same token at >= 95% of the positions, and where it does not, the token the
-# quantized engine chose is within 0.5 nats of the reference's best (measured: 98% and
-# 0.18 nats for int4, 99% and 0.11 for int8; a wrong scale or zero convention gives gaps
-# of several nats and ~0% agreement).
-MIN_TOP1_AGREEMENT = 0.95
-MAX_LOGPROB_GAP = 0.5
-BF16_RTOL = 2**-7  # one bfloat16 ulp: the kernels round their float32 sums to bfloat16
+# (float32 weights and activations) picks the same token at >= 90% of the positions, and
+# where it does not, the token the quantized engine chose is within 1 nat of the
+# reference's best (measured: int4 94.8% and 0.49 nats, int8 99%; the kernels' int8
+# activations, as llama.cpp's, cost a few points; a wrong scale or zero convention gives
+# gaps of several nats and ~0% agreement).
+MIN_TOP1_AGREEMENT = 0.90
+MAX_LOGPROB_GAP = 1.0
+KERNELS = cpu_ops.quant_kernels()[1]  # those this CPU runs: each is checked
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -87,12 +92,45 @@ def matrix(n: int, k: int, seed: int = 0) -> torch.Tensor:
     return w
 
 
+def int8_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x8, dx and sx ``[rows, K / 32, ...]`` as the kernels quantize activations."""
+    groups = x.float().view(x.shape[0], -1, GROUP_SIZE)
+    amax = groups.abs().amax(-1, keepdim=True)
+    inverse = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return torch.round(groups * inverse), amax / 127, groups.sum(-1)
+
+
+def kernel_reference(x: torch.Tensor, packed: QuantizedWeight) -> torch.Tensor:
+    """What the kernels compute, in float64: exact integer dots per group, scaled."""
+    x8, dx, sx = (t.double() for t in int8_activations(x))
+    n, k = packed.shape
+    if isinstance(packed, Int4Weight):
+        q = packed.codes().view(n, k // GROUP_SIZE, GROUP_SIZE).double()
+        d, m = packed.dm.double().unbind(-1)
+        dots = torch.einsum("rjg,njg->rnj", x8, q)
+        return (dots * d * dx[..., 0][:, None]).sum(-1) + sx @ m.T
+    v = packed.values.view(n, k // GROUP_SIZE, GROUP_SIZE).double()
+    dots = torch.einsum("rjg,njg->rnj", x8, v)
+    return (dots * dx[..., 0][:, None]).sum(-1) * packed.scales.double()
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(params=KERNELS)
+def kernels(request: pytest.FixtureRequest) -> Iterator[str]:
+    cpu_ops.quant_kernels(request.param)
+    yield request.param
+    cpu_ops.quant_kernels("best")
+
+
 # ---- packing and kernels -------------------------------------------------------------------
 
 
 def test_int4_round_trip_is_q4_1() -> None:
-    """Every value within half a step (plus the bfloat16 rounding of d and m + 8d) of its
-    group's Q4_1 grid; 4-bit codes; a constant group decodes exactly."""
+    """Every value within half a step (plus the bfloat16 rounding of d and m) of its group's
+    Q4_1 grid; 4-bit codes; a constant group decodes exactly to its bfloat16 value."""
     w = matrix(64, 128)
     packed = quantize_int4(w)
     q = packed.codes()
@@ -100,12 +138,12 @@ def test_int4_round_trip_is_q4_1() -> None:
     groups = w.view(64, -1, GROUP_SIZE)
     d = (groups.amax(-1) - groups.amin(-1)) / 15
     err = (packed.dequantize() - w).view(64, -1, GROUP_SIZE).abs().amax(-1)
-    slack = 8 * d * 2**-8 + (groups.amin(-1) + 8 * d).abs() * 2**-8
+    slack = 15 * d * 2**-8 + groups.amin(-1).abs() * 2**-8
     assert bool((err <= d / 2 + slack + 1e-7).all()), float((err / d.clamp(min=1e-9)).max())
     assert torch.equal(packed.dequantize()[1, :GROUP_SIZE], w[1, :GROUP_SIZE].bfloat16().float())
-    # dequantize() is exactly (q - 8) * scale + zero of the stored bfloat16 parameters.
-    scale, zero = packed.scales_and_zeros.float().permute(1, 0, 2).unbind(-1)
-    manual = (q.view(64, -1, GROUP_SIZE) - 8) * scale[..., None] + zero[..., None]
+    # dequantize() is exactly q * d + m of the stored bfloat16 parameters.
+    d_stored, m_stored = packed.dm.float().unbind(-1)
+    manual = q.view(64, -1, GROUP_SIZE) * d_stored[..., None] + m_stored[..., None]
     assert torch.equal(manual.view(64, 128), packed.dequantize())
     assert packed.nbytes == 64 * 128 // 2 + 64 * (128 // GROUP_SIZE) * 2 * 2
 
@@ -120,39 +158,73 @@ def test_int8_round_trip() -> None:
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-@pytest.mark.parametrize("rows", [1, 5, 64])
+@pytest.mark.parametrize("rows", [1, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_matches_dequantized_reference(scheme: str, rows: int, dtype: torch.dtype) -> None:
-    """The packed kernel equals a float32 GEMM of the bfloat16-rounded activations with the
-    dequantized weight, to one bfloat16 rounding of the output; bias and 3-D inputs too."""
-    w = matrix(96, 160 if scheme == "int4" else 80, seed=rows)
+@pytest.mark.parametrize("k", [192, 256])  # 6 or 8 groups: with and without a 2-group tail
+def test_kernel_is_exact(kernels: str, scheme: str, rows: int, dtype: torch.dtype, k: int) -> None:
+    """Every kernel (AVX-VNNI, AVX2, portable C: those this CPU runs) computes the int8
+    activation arithmetic exactly (up to float summation order), for a row count that is
+    not a multiple of the kernels' 4-row tiles; bias and 3-D inputs too."""
+    w = matrix(98, k, seed=rows)
     packed = quantize_int4(w) if scheme == "int4" else quantize_int8(w)
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(rows, w.shape[1], generator=gen).to(dtype)
-    bias = torch.randn(96, generator=gen).to(dtype)
-    out = linear(x, packed, bias)
-    assert out.dtype == dtype and out.shape == (rows, 96)
-    ref = F.linear(x.bfloat16().float(), packed.dequantize()).bfloat16().float()
-    torch.testing.assert_close(out.float(), ref + bias.float(), rtol=BF16_RTOL, atol=1e-2)
-    exact = linear(x, packed).float()
-    assert (exact == ref).float().mean() > 0.99  # bit-exact except for summation order
+    x = (torch.randn(rows, k, generator=gen) * torch.rand(rows, k, generator=gen) * 3).to(dtype)
+    x[0, :GROUP_SIZE] = 0  # an all-zero group: dx = 0
+    bias = torch.randn(98, generator=gen)
+    out = linear(x, packed, bias.to(dtype))
+    assert out.dtype == dtype and out.shape == (rows, 98)
+    ref = kernel_reference(x, packed) + bias.double()
+    tol = 2**-7 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
+    # the activations' rounding to int8 is all that separates it from the float product
+    plain = F.linear(x.float(), packed.dequantize(), bias).double()
+    assert float((out.double() - plain).abs().max()) <= 0.02 * float(plain.abs().max())
     x3 = x.reshape(1, rows, -1)
-    torch.testing.assert_close(linear(x3, packed, bias), out.reshape(1, rows, 96))
-    strided = x.t().contiguous().t()  # the kernels need contiguous rows: linear copies
-    torch.testing.assert_close(linear(strided, packed, bias), out)
+    torch.testing.assert_close(linear(x3, packed, bias.to(dtype)), out.reshape(1, rows, 98))
+    strided = x.t().contiguous().t()  # not contiguous along K: linear copies
+    torch.testing.assert_close(linear(strided, packed, bias.to(dtype)), out)
 
 
-def test_shapes_the_kernels_cannot_take_fall_back() -> None:
-    """int4 needs N % 16 and K % 32 == 0, int8 K % 16 == 0: otherwise int8, then float."""
-    assert isinstance(quantize_weight(matrix(64, 64), "int4"), Int4Weight)
-    assert isinstance(quantize_weight(matrix(40, 64), "int4"), Int8Weight)  # N % 16
-    assert isinstance(quantize_weight(matrix(64, 48), "int4"), Int8Weight)  # K % 32
-    w = matrix(64, 40)  # K % 16: torch's int8 kernel would crash
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.skipif(not BF16_GEMM, reason="no oneDNN bfloat16 GEMM on this CPU")
+def test_many_rows_take_a_bfloat16_gemm(scheme: str) -> None:
+    """From BF16_GEMM_MIN_ROWS rows (prefill) the matrix is dequantized natively to bfloat16
+    (exactly the rounded dequantize()) and multiplied with bfloat16 activations."""
+    w = matrix(40, 128)
+    packed = quantize_int4(w) if scheme == "int4" else quantize_int8(w)
+    assert torch.equal(packed.dequantize_bf16(), packed.dequantize().bfloat16())
+    x = torch.randn(BF16_GEMM_MIN_ROWS, 128, generator=gen(3))
+    bias = torch.randn(40, generator=gen(4))
+    expected = F.linear(x.bfloat16(), packed.dequantize().bfloat16()).float() + bias
+    torch.testing.assert_close(linear(x, packed, bias), expected, rtol=0, atol=0)
+
+
+def test_other_activation_dtypes_go_through_float32() -> None:
+    packed = quantize_int4(matrix(16, 64))
+    x = torch.randn(3, 64)
+    out = linear(x.half(), packed)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out, linear(x.half().float(), packed).half())
+
+
+def test_shapes_the_formats_cannot_take_fall_back() -> None:
+    """int4 needs K % 64 == 0, int8 K % 32 == 0: otherwise int8, then float. Any N."""
+    assert isinstance(quantize_weight(matrix(40, 64), "int4"), Int4Weight)
+    assert isinstance(quantize_weight(matrix(64, 96), "int4"), Int8Weight)  # K % 64
+    w = matrix(64, 40)  # K % 32
     assert quantize_weight(w, "int4") is w and quantize_weight(w, "int8") is w
     with pytest.raises(ValueError, match="int4 needs"):
-        quantize_int4(matrix(40, 64))
+        quantize_int4(matrix(40, 96))
     with pytest.raises(ValueError, match="int8 needs"):
         quantize_int8(w)
+    with pytest.raises(ValueError, match="does not match"):
+        cpu_ops.qmatmul(cpu_ops.Q8, quantize_int8(matrix(8, 64)).values, torch.ones(8), w[:2])
+
+
+def test_unknown_kernels_are_refused() -> None:
+    with pytest.raises(ValueError, match="no avx-512 kernels"):
+        cpu_ops.quant_kernels("avx-512")
+    assert cpu_ops.quant_kernels()[0] == KERNELS[-1]
 
 
 # ---- models ---------------------------------------------------------------------------------
@@ -225,6 +297,7 @@ def test_greedy_outputs_match_the_dequantized_reference(quantized: Engine) -> No
     gaps: list[float] = []
     with Engine(quantization=quantized.config.quantization, max_total_tokens=2048) as ref:
         dequantize_model(ref.model)
+        ref.scheduler.runner.native_decoder = None  # it holds the packed matrices
         for prompt, out in zip(PROMPTS, outs):
             ids = ref.tokenizer(prompt)["input_ids"]
             scored = ref.generate(

@@ -118,6 +118,35 @@ def test_context_limit(url: str, engine: Engine) -> None:
     assert out["usage"]["total_tokens"] == CONTEXT
 
 
+@pytest.mark.parametrize("stage", ["extend", "decode_logits"])
+def test_a_failing_forward_pass_fails_only_its_step(
+    url: str, engine: Engine, monkeypatch: pytest.MonkeyPatch, stage: str
+) -> None:
+    """An exception inside a forward pass (prefill or decode) fails that step's requests with
+    an internal error naming it, frees all their KV (also a prefill chunk that was never
+    computed) and drops the cached prefixes, which may hold half-written KV; the engine
+    keeps serving (checked after every test) and a cached prompt is recomputed."""
+    runner = engine.scheduler.runner
+    original = getattr(runner, stage)
+    calls = 0
+
+    def fail_once(*args: object, **kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("injected fault")
+        return original(*args, **kwargs)
+
+    prompt = "Tell me a short story about a lighthouse keeper and his cat."
+    generate(url, prompt, max_new_tokens=2)  # now cached
+    monkeypatch.setattr(runner, stage, fail_once)
+    r = generate(url, prompt, max_new_tokens=4, ignore_eos=True)
+    assert r.status_code == 500 and "injected fault" in r.json()["error"]["message"], r.text
+    assert engine.get_stats()["kv_slots"]["evictable"] == 0
+    again = generate(url, prompt, max_new_tokens=4).json()
+    assert again["meta_info"]["cached_tokens"] == 0
+
+
 def test_stop_string_never_met(url: str) -> None:
     params = {"max_new_tokens": 12, "ignore_eos": True, "stop": ["QQZZQQ"], "stop_regex": ["@@@"]}
     out = generate(url, "Tell me about cats.", **params).json()

@@ -2,9 +2,12 @@
 
 EXTEND: per request, the queries of its new tokens attend to its cached prefix (gathered from
 the pool) and causally to its new tokens; without a prefix the new keys are used directly
-with ``is_causal``. DECODE: one batched attention over a padded ``[B, Lmax]`` gather of each
-request's slots with a key-padding mask, both built once per forward pass.
-Softmax scale is ``1 / sqrt(head_dim)``.
+with ``is_causal``. DECODE on the CPU: the native kernel (``cpu_ops.decode_attention``) stores
+the new K/V and attends over each request's slots in place, without gathering them — one
+call per layer, single-threaded, so it is taken when torch runs one thread or the step is
+small; otherwise one batched sdpa over a padded ``[B, Lmax]`` gather of each request's slots
+with a key-padding mask, both built once per forward pass. Softmax scale is
+``1 / sqrt(head_dim)``.
 """
 
 from __future__ import annotations
@@ -15,8 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
+from backend import cpu_ops
 from backend.forward_batch import ForwardBatch, ForwardMode
 from backend.kv_pool import KVPool
+
+# With several torch threads, DECODE steps reading more KV tokens than this (summed over the
+# batch) take the multi-threaded sdpa path instead of the single-threaded native kernel.
+NATIVE_DECODE_MAX_KV_TOKENS = 8192
 
 
 @dataclass
@@ -52,6 +60,14 @@ class _DecodeMetadata:
     groups: list[_DecodeGroup]
 
 
+@dataclass
+class _NativeDecodeMetadata:
+    """Slots ``[B, Lmax]`` (each row padded after its length) and lengths ``[B]``, int64."""
+
+    slots: torch.Tensor
+    lens: torch.Tensor
+
+
 class TorchAttentionBackend:
     """``AttentionBackend`` for CPU tensors (works on any device torch's sdpa supports)."""
 
@@ -63,7 +79,10 @@ class TorchAttentionBackend:
         device = self.pool.device
         if batch.mode == ForwardMode.DECODE:
             slots = [s.to(device=device, dtype=torch.int64) for s in batch.kv_slots]
-            batch.attn_metadata = _DecodeMetadata(_decode_groups(slots))
+            if self.decodes_natively(slots):
+                batch.attn_metadata = _NativeDecodeMetadata(*padded_slots(slots))
+            else:
+                batch.attn_metadata = _DecodeMetadata(_decode_groups(slots))
             return
         segments: list[_Segment] = []
         start = 0
@@ -92,12 +111,23 @@ class TorchAttentionBackend:
         """Store ``k``/``v`` at ``batch.out_cache_loc``; return attention ``[T, H, D]``."""
         k_buf = self.pool.k_buffers[layer_id]
         v_buf = self.pool.v_buffers[layer_id]
+        meta = batch.attn_metadata
+        if isinstance(meta, _NativeDecodeMetadata):
+            return cpu_ops.decode_attention(
+                q, k, v, k_buf, v_buf, batch.out_cache_loc, meta.slots, meta.lens
+            )
         k_buf.index_copy_(0, batch.out_cache_loc, k)
         v_buf.index_copy_(0, batch.out_cache_loc, v)
-        meta = batch.attn_metadata
         if isinstance(meta, _DecodeMetadata):
             return self._decode(q, k_buf, v_buf, meta)
         return self._extend(q, k, v, k_buf, v_buf, meta)
+
+    def decodes_natively(self, slots: list[torch.Tensor]) -> bool:
+        """Whether a DECODE step over these slot lists runs the native kernel (see the
+        module docstring)."""
+        if not cpu_ops.supports(self.pool.k_buffers[0]):
+            return False
+        return torch.get_num_threads() == 1 or sum(map(len, slots)) <= NATIVE_DECODE_MAX_KV_TOKENS
 
     @staticmethod
     def _decode(
@@ -160,6 +190,14 @@ def _attend_segment(
 # Below this many shared tokens, a separate pass over the shared prefix costs more than the
 # copies it saves.
 MIN_SHARED_PREFIX = 32
+
+
+def padded_slots(slots: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slot lists as int64 ``[B, Lmax]`` (rows padded with 0) and their lengths ``[B]``."""
+    lens = torch.tensor([len(s) for s in slots], dtype=torch.int64)
+    if len(slots) == 1 and slots[0].is_contiguous() and slots[0].dtype == torch.int64:
+        return slots[0].view(1, -1), lens
+    return pad_sequence(slots, batch_first=True, padding_value=0).to(torch.int64), lens
 
 
 def _decode_groups(slots: list[torch.Tensor]) -> list[_DecodeGroup]:

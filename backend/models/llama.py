@@ -82,22 +82,15 @@ def rope_tables(
 
 
 class Rotary:
-    """RoPE for one forward pass: the fused kernel on CUDA, else the tables' rows gathered
-    once per pass and applied by torch (``x * cos + roll(x, D / 2) * sin_signed``)."""
+    """RoPE for one forward pass: the model's tables and the batch's positions, applied by
+    ``fused_ops.rope`` (Triton on CUDA, native C on the CPU)."""
 
     def __init__(self, cos: torch.Tensor, sin_signed: torch.Tensor, positions: torch.Tensor):
-        self.fused = positions.is_cuda
-        if self.fused:
-            self.positions, self.cos, self.sin_signed = positions, cos, sin_signed
-        else:
-            self.cos = cos.index_select(0, positions).unsqueeze(1)
-            self.sin_signed = sin_signed.index_select(0, positions).unsqueeze(1)
+        self.positions, self.cos, self.sin_signed = positions, cos, sin_signed
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Rotate ``x`` ``[T, heads, D]``."""
-        if self.fused:
-            return rope(x, self.positions, self.cos, self.sin_signed)
-        return torch.addcmul(x * self.cos, x.roll(x.shape[-1] // 2, -1), self.sin_signed)
+        """Rotate ``x`` ``[T, heads, D]`` (last dim contiguous) into a new contiguous tensor."""
+        return rope(x, self.positions, self.cos, self.sin_signed)
 
 
 class Attention(nn.Module):
@@ -127,26 +120,30 @@ class Attention(nn.Module):
         """Concatenate the q, k and v projections into one matrix (one GEMM per layer)."""
         self.qkv_weight, self.qkv_bias = _fuse_linears((self.q_proj, self.k_proj, self.v_proj))
 
-    def _project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _project_qkv(
+        self, x: torch.Tensor, rotary: Rotary
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q ``[T, H, D]``, k and v ``[T, Hkv, D]``, RoPE applied to q and k."""
+        t, heads, kv_heads = x.shape[0], self.num_heads, self.num_kv_heads
         if self.qkv_weight is None:
-            return tuple(
+            q, k, v = (
                 F.linear(x, p.weight, p.bias) for p in (self.q_proj, self.k_proj, self.v_proj)
             )
-        q_size = self.num_heads * self.head_dim
-        kv_size = self.num_kv_heads * self.head_dim
-        return linear(x, self.qkv_weight, self.qkv_bias).split([q_size, kv_size, kv_size], -1)
-
-    def forward(self, x: torch.Tensor, rotary: Rotary, batch: ForwardBatch) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = self._project_qkv(x)
-        q = q.view(t, self.num_heads, -1)
-        k = k.view(t, self.num_kv_heads, -1)
-        v = v.view(t, self.num_kv_heads, -1)
+        else:
+            qkv = linear(x, self.qkv_weight, self.qkv_bias).view(t, heads + 2 * kv_heads, -1)
+            if not self.qk_norm:  # q and k are neighbouring heads: one RoPE call for both
+                q, k = rotary(qkv[:, : heads + kv_heads]).split([heads, kv_heads], 1)
+                return q, k, qkv[:, heads + kv_heads :]
+            q, k, v = qkv.split([heads, kv_heads, kv_heads], 1)
+        q, k, v = q.view(t, heads, -1), k.view(t, kv_heads, -1), v.view(t, kv_heads, -1)
         if self.qk_norm:
             q = rms_norm(q, self.q_norm.weight, self.q_norm.eps)
             k = rms_norm(k, self.k_norm.weight, self.k_norm.eps)
-        q = rotary(q)
-        k = rotary(k)
+        return rotary(q), rotary(k), v
+
+    def forward(self, x: torch.Tensor, rotary: Rotary, batch: ForwardBatch) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self._project_qkv(x, rotary)
         out = batch.attn_backend.forward(q, k, v, self.layer_id, batch)
         return linear(out.reshape(t, -1), self.o_proj.weight, self.o_proj.bias)
 

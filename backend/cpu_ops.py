@@ -1,0 +1,210 @@
+"""The CPU engine's native layer ops (``backend/_cpu_ops.c``), with torch-tensor signatures.
+
+Each function has the contract of its torch reference in ``backend/fused_ops.py`` (or, for
+`decode_attention`, of the KV write plus sdpa in ``backend/attention/torch_backend.py``) and
+returns new tensors (``add_rms_norm_`` also updates the residual in place). They accept CPU
+tensors of float32 or bfloat16 whose last dim is contiguous — `supports` says whether a tensor
+qualifies; callers fall back to the torch references otherwise. Shapes are checked here;
+the C code trusts them.
+
+Why: see the C source's header (per-op overhead dominates a small model's decode step).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from backend import _cpu_ops as _native
+
+_CODES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def supports(t: torch.Tensor) -> bool:
+    """Whether ``t`` can be given to these functions: CPU, float32/bfloat16, last dim
+    contiguous."""
+    return t.dtype in _CODES and t.device.type == "cpu" and t.stride(-1) == 1
+
+
+def add_rms_norm_(
+    delta: torch.Tensor | None,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``residual += delta`` (when given), then RMSNorm(residual) ``[rows, dim]`` in
+    ``out_dtype`` (default: the residual's), as ``fused_ops.add_rms_norm_``."""
+    rows, dim = residual.shape
+    if weight.shape != (dim,) or not weight.is_contiguous():
+        raise ValueError(f"weight must be a contiguous [{dim}] tensor, got {tuple(weight.shape)}")
+    out = torch.empty((rows, dim), dtype=out_dtype or residual.dtype)
+    if delta is not None and delta.shape != residual.shape:
+        raise ValueError(f"delta {tuple(delta.shape)} != residual {tuple(residual.shape)}")
+    _native.add_rms_norm(
+        residual.data_ptr(),
+        _CODES[residual.dtype],
+        residual.stride(0),
+        0 if delta is None else delta.data_ptr(),
+        0 if delta is None else _CODES[delta.dtype],
+        0 if delta is None else delta.stride(0),
+        weight.data_ptr(),
+        _CODES[weight.dtype],
+        out.data_ptr(),
+        _CODES[out.dtype],
+        dim,
+        rows,
+        dim,
+        eps,
+    )
+    return out
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` ``[rows, inter]`` for ``gate_up = cat(gate, up)``."""
+    rows, width = gate_up.shape
+    inter = width // 2
+    out = torch.empty((rows, inter), dtype=gate_up.dtype)
+    code = _CODES[gate_up.dtype]
+    _native.silu_and_mul(
+        gate_up.data_ptr(), code, gate_up.stride(0), out.data_ptr(), code, inter, rows, inter
+    )
+    return out
+
+
+def rope(
+    x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor
+) -> torch.Tensor:
+    """Rotate-half RoPE of ``x`` ``[T, heads, D]`` into a new contiguous tensor; ``positions``
+    int64 ``[T]``, tables float32 ``[max_len, D]`` (rows contiguous)."""
+    tokens, heads, dim = x.shape
+    if positions.dtype != torch.int64 or not positions.is_contiguous():
+        raise ValueError("positions must be a contiguous int64 tensor")
+    if cos.dtype != torch.float32 or cos.stride(-1) != 1 or cos.stride() != sin_signed.stride():
+        raise ValueError("the RoPE tables must be float32 with contiguous rows")
+    out = torch.empty((tokens, heads, dim), dtype=x.dtype)
+    code = _CODES[x.dtype]
+    _native.rope(
+        x.data_ptr(),
+        code,
+        x.stride(0),
+        x.stride(1),
+        tokens,
+        heads,
+        dim,
+        positions.data_ptr(),
+        cos.data_ptr(),
+        sin_signed.data_ptr(),
+        cos.stride(0),
+        min(cos.shape[0], sin_signed.shape[0]),
+        out.data_ptr(),
+        code,
+    )
+    return out
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    out_cache_loc: torch.Tensor,
+    slots: torch.Tensor,
+    lens: torch.Tensor,
+) -> torch.Tensor:
+    """Store ``k``/``v`` ``[B, Hkv, D]`` at ``out_cache_loc`` ``[B]`` of the pool buffers
+    ``[slots, Hkv, D]``, then attend with ``q`` ``[B, H, D]`` over each request's slots:
+    row ``b`` of ``slots`` ``[B, Lmax]`` (int64, contiguous) padded after ``lens[b]``.
+    Softmax scale ``1 / sqrt(D)``; GQA maps query head ``h`` to KV head ``h // (H / Hkv)``.
+    Returns ``[B, H, D]`` in ``q``'s dtype. A length outside ``[1, Lmax]`` or a slot outside
+    the pool raises ``ValueError`` before anything is written."""
+    batch, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    if k.dtype != v.dtype:
+        raise ValueError(f"k ({k.dtype}) and v ({v.dtype}) must have one dtype")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.shape[0] != batch or t.shape[2] != dim or t.stride(1) != dim:
+            raise ValueError(f"{name} must be [B, heads, D] with contiguous heads")
+    if k_buf.dtype != v_buf.dtype or not (k_buf.is_contiguous() and v_buf.is_contiguous()):
+        raise ValueError("the pool's K and V buffers must be contiguous and of one dtype")
+    if k_buf.shape[1:] != (kv_heads, dim) or heads % kv_heads:
+        raise ValueError(f"pool heads {tuple(k_buf.shape[1:])} do not match k {tuple(k.shape)}")
+    for name, t in (("out_cache_loc", out_cache_loc), ("slots", slots), ("lens", lens)):
+        if t.dtype != torch.int64 or not t.is_contiguous() or t.shape[0] != batch:
+            raise ValueError(f"{name} must be a contiguous int64 tensor with one row per request")
+    out = torch.empty((batch, heads, dim), dtype=q.dtype)
+    _native.decode_attention(
+        q.data_ptr(),
+        _CODES[q.dtype],
+        q.stride(0),
+        k.data_ptr(),
+        v.data_ptr(),
+        _CODES[k.dtype],
+        k.stride(0),
+        v.stride(0),
+        k_buf.data_ptr(),
+        v_buf.data_ptr(),
+        _CODES[k_buf.dtype],
+        min(k_buf.shape[0], v_buf.shape[0]),
+        out_cache_loc.data_ptr(),
+        slots.data_ptr(),
+        slots.shape[1],
+        lens.data_ptr(),
+        batch,
+        heads,
+        kv_heads,
+        dim,
+        dim**-0.5,
+        out.data_ptr(),
+        _CODES[q.dtype],
+    )
+    return out
+
+
+Q4, Q8 = 4, 8  # kinds of packed matrices (backend/_cpu_quant.h)
+
+
+def qmatmul(
+    kind: int, weights: torch.Tensor, scales: torch.Tensor, x: torch.Tensor
+) -> torch.Tensor:
+    """``x @ W.T`` ``[rows, N]`` in ``x``'s dtype for a packed matrix ``W``: ``Q4`` (``weights``
+    uint8 codes ``[N, K / 2]``, ``scales`` bfloat16 ``[N, K / 32, 2]``) or ``Q8`` (int8 values
+    ``[N, K]``, bfloat16 scales ``[N]``), both contiguous; ``x`` ``[rows, K]`` (last dim
+    contiguous) is quantized to int8 per block of 32 (``backend/_cpu_quant.h``)."""
+    rows, k = x.shape
+    n = weights.shape[0]
+    if weights.shape[1] * (2 if kind == Q4 else 1) != k:
+        raise ValueError(f"x {tuple(x.shape)} does not match a packed {n}-row matrix")
+    out = torch.empty((rows, n), dtype=x.dtype)
+    code = _CODES[x.dtype]
+    _native.qmatmul(
+        kind,
+        weights.data_ptr(),
+        scales.data_ptr(),
+        n,
+        k,
+        x.data_ptr(),
+        code,
+        x.stride(0),
+        rows,
+        out.data_ptr(),
+        code,
+        n,
+    )
+    return out
+
+
+def dequantize(kind: int, weights: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The packed matrix (as `qmatmul` takes it) as bfloat16 ``[N, K]``."""
+    n = weights.shape[0]
+    k = weights.shape[1] * (2 if kind == Q4 else 1)
+    out = torch.empty((n, k), dtype=torch.bfloat16)
+    _native.dequantize(kind, weights.data_ptr(), scales.data_ptr(), n, k, out.data_ptr())
+    return out
+
+
+def quant_kernels(name: str | None = None) -> tuple[str, tuple[str, ...]]:
+    """The active q4/q8 kernels (``"portable"``, ``"avx2"``, ``"avx-vnni"``) and those this CPU
+    runs, best last; ``name`` makes one active first (``"best"``: the default). For tests and
+    benchmarks."""
+    return _native.quant_kernels(name)
