@@ -1,5 +1,9 @@
 /*
- * backend._cpu_ops: the CPU engine's fused decoder-layer ops and decode attention.
+ * backend._cpu_ops: the CPU engine's native kernels, one translation unit:
+ *   - this file: the decoder layer's element-wise ops (add + RMSNorm, RoPE, SiLU-and-mul)
+ *     and decode attention over the token-granular KV pool;
+ *   - _cpu_quant.h: int4 / int8 weight-only matrix products (and their dequantization);
+ *   - _cpu_decoder.h: a whole decode step of a quantized model in one call.
  *
  * Why native: on one core, a decode step of a small model is bound by per-op overhead more
  * than by arithmetic. In torch, an RMSNorm of a 576-vector is ~6 dispatched ops (~15 us),
@@ -14,12 +18,14 @@
  *   nearest even, as torch rounds); values a torch reference rounds in between (the residual
  *   after the add, the normalized row before the weight, silu before the product) are rounded
  *   at the same points;
- * - the GIL is released while the arithmetic runs; nothing raises on data: the Python
- *   wrappers validate shapes, dtypes and strides before calling.
+ * - the GIL is released while the arithmetic runs; indices that address memory (slots,
+ *   positions, token ids) are range-checked here, before anything is written, and raise
+ *   ValueError; shapes, dtypes and strides are the Python wrappers' to validate.
  *
- * Hot loops are compiled twice (target_clones on x86-64 Linux: AVX2+FMA and the baseline),
- * and reductions keep 16 partial sums so that the compiler vectorizes them without
- * reassociating float math on its own.
+ * Vectorization: the kernels (not the helpers) are compiled twice with target_clones on
+ * x86-64 Linux (AVX2+FMA and the baseline) and the helpers are always inlined into them;
+ * reductions and exp run on 8-float GCC/clang vector types, so they vectorize without the
+ * compiler having to reassociate float math on its own.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

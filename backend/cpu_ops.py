@@ -1,11 +1,13 @@
-"""The CPU engine's native layer ops (``backend/_cpu_ops.c``), with torch-tensor signatures.
+"""The CPU engine's native kernels (``backend/_cpu_ops.c``) with torch-tensor signatures.
 
-Each function has the contract of its torch reference in ``backend/fused_ops.py`` (or, for
-`decode_attention`, of the KV write plus sdpa in ``backend/attention/torch_backend.py``) and
-returns new tensors (``add_rms_norm_`` also updates the residual in place). They accept CPU
-tensors of float32 or bfloat16 whose last dim is contiguous — `supports` says whether a tensor
-qualifies; callers fall back to the torch references otherwise. Shapes are checked here;
-the C code trusts them.
+The layer ops (`add_rms_norm_`, `silu_and_mul`, `rope`) have the contracts of their torch
+references in ``backend/fused_ops.py``; `decode_attention` that of the KV write plus sdpa in
+``backend/attention/torch_backend.py``; `qmatmul` and `dequantize` serve the packed matrices
+of ``backend/quantization.py``. They return new tensors (``add_rms_norm_`` also updates the
+residual in place) and accept CPU tensors of float32 or bfloat16 whose last dim is
+contiguous: `supports` says whether a tensor qualifies, and callers fall back to the torch
+references otherwise. Shapes, dtypes and strides are checked here; the C code range-checks
+the indices that address memory (slots, positions) and raises ``ValueError``.
 
 Why: see the C source's header (per-op overhead dominates a small model's decode step).
 """
