@@ -88,7 +88,7 @@ static PyObject *decoder_new(PyObject *self, PyObject *const *args, Py_ssize_t n
         !parse_args(tuple_items(args[1]), 4, "tensors", "pppp", (void **)&d->embed,
                     (void **)&d->final_norm, (void **)&d->cos_table, (void **)&d->sin_table))
         goto fail;
-    if (d->heads % d->kv_heads || d->head_dim % 2 ||
+    if (d->num_layers < 1 || d->kv_heads < 1 || d->heads % d->kv_heads || d->head_dim % 2 ||
         PyTuple_GET_SIZE(args[3]) != d->num_layers) {
         PyErr_SetString(PyExc_ValueError, "inconsistent decoder dims");
         goto fail;

@@ -42,7 +42,12 @@
 /* v8f values never cross a call boundary (every helper is inlined): no ABI concern. */
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
+/* Runtime dispatch to AVX2 / AVX-VNNI code (target_clones, the AVX kernels of _cpu_quant.h)
+ * needs GCC 12+ and glibc (ifunc) on x86-64 Linux; elsewhere everything is portable C,
+ * vectorized for the compiler's baseline target. */
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && \
+    defined(__linux__) && defined(__GLIBC__)
+#define HAVE_X86_DISPATCH 1
 #define VECTORIZED __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define VECTORIZED
@@ -125,7 +130,7 @@ HELPER v8f exp8(v8f x)
     p = p * r + splat8(1.6666665459e-1f);
     p = p * r + splat8(5.0000001201e-1f);
     p = p * r * r + r + splat8(1.0f);
-    v8i scale = ((v8i)t - (v8i)magic + 127) << 23;
+    v8u scale = ((v8u)t - (v8u)magic + 127u) << 23; /* 2^n, n in [-126, 127] */
     return p * (v8f)scale;
 }
 

@@ -19,13 +19,14 @@
  * dequantized matrix only through the activations' rounding to int8 (relative error about
  * 1 / 254 per element) and float summation order.
  *
- * Kernels: AVX-VNNI (dpbusd) or AVX2 (maddubs) where the CPU has them, else portable C;
+ * Kernels: q4 with AVX-VNNI (dpbusd) or AVX2 (maddubs), q8 with AVX2, where the CPU has
+ * them (and the build has runtime dispatch: HAVE_X86_DISPATCH in _cpu_ops.c), else portable C;
  * single-threaded; the weight bytes of one output row are read once per call and reused for
  * every activation row. Per pair of q4 blocks the AVX path is one load, an AND, a shift and
  * an AND for the weights, then per block a load, the integer dot, a conversion and one FMA
  * with the block's d dx (taken from a vector of four blocks' (d dx, m sx) products).
  */
-#if defined(__GNUC__) && defined(__x86_64__)
+#ifdef HAVE_X86_DISPATCH
 #include <immintrin.h>
 #define HAVE_AVX2_KERNELS 1
 #define AVX2_TARGET __attribute__((target("avx2,fma")))
@@ -53,7 +54,9 @@ VECTORIZED static void quantize_activations(const void *x, int x_dt, Py_ssize_t 
                 amax = a > amax ? a : amax;
                 sum += v[i];
             }
-            float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            /* a NaN in the group makes its products NaN, as a float product would be */
+            float d = sum != sum ? NAN : amax / 127.0f;
+            float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
             int8_t *q = x8 + r * k + j * QBLOCK;
             for (int i = 0; i < QBLOCK; i++)
                 q[i] = (int8_t)lrintf(v[i] * inv);

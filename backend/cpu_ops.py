@@ -1,7 +1,9 @@
 """The CPU engine's native kernels (``backend/_cpu_ops.c``) with torch-tensor signatures.
 
 The layer ops (`add_rms_norm_`, `silu_and_mul`, `rope`) have the contracts of their torch
-references in ``backend/fused_ops.py``; `decode_attention` that of the KV write plus sdpa in
+references in ``backend/fused_ops.py``, except that they return the input's dtype where a
+reference would promote a bfloat16 input with float32 tables or weights to float32.
+`decode_attention` has the contract of the KV write plus sdpa in
 ``backend/attention/torch_backend.py``; `qmatmul` and `dequantize` serve the packed matrices
 of ``backend/quantization.py``. They return new tensors (``add_rms_norm_`` also updates the
 residual in place) and accept CPU tensors of float32 or bfloat16 whose last dim is
@@ -64,6 +66,8 @@ def add_rms_norm_(
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` ``[rows, inter]`` for ``gate_up = cat(gate, up)``."""
     rows, width = gate_up.shape
+    if width % 2:
+        raise ValueError(f"gate_up must have an even width, got {width}")
     inter = width // 2
     out = torch.empty((rows, inter), dtype=gate_up.dtype)
     code = _CODES[gate_up.dtype]
@@ -79,10 +83,14 @@ def rope(
     """Rotate-half RoPE of ``x`` ``[T, heads, D]`` into a new contiguous tensor; ``positions``
     int64 ``[T]``, tables float32 ``[max_len, D]`` (rows contiguous)."""
     tokens, heads, dim = x.shape
-    if positions.dtype != torch.int64 or not positions.is_contiguous():
-        raise ValueError("positions must be a contiguous int64 tensor")
-    if cos.dtype != torch.float32 or cos.stride(-1) != 1 or cos.stride() != sin_signed.stride():
-        raise ValueError("the RoPE tables must be float32 with contiguous rows")
+    if dim % 2:
+        raise ValueError(f"RoPE needs an even head dim, got {dim}")
+    if positions.dtype != torch.int64 or positions.shape != (tokens,):
+        raise ValueError(f"positions must be an int64 [{tokens}] tensor")
+    positions = positions.contiguous()
+    tables_ok = cos.dtype == sin_signed.dtype == torch.float32 and cos.stride(-1) == 1
+    if not tables_ok or cos.stride() != sin_signed.stride() or cos.shape[-1] != dim:
+        raise ValueError(f"the RoPE tables must be float32 [max_len, {dim}], rows contiguous")
     out = torch.empty((tokens, heads, dim), dtype=x.dtype)
     code = _CODES[x.dtype]
     _native.rope(
@@ -125,7 +133,7 @@ def decode_attention(
     if k.dtype != v.dtype:
         raise ValueError(f"k ({k.dtype}) and v ({v.dtype}) must have one dtype")
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.shape[0] != batch or t.shape[2] != dim or t.stride(1) != dim:
+        if t.shape[0] != batch or t.shape[2] != dim or t.stride(1) != dim or t.stride(2) != 1:
             raise ValueError(f"{name} must be [B, heads, D] with contiguous heads")
     if k_buf.dtype != v_buf.dtype or not (k_buf.is_contiguous() and v_buf.is_contiguous()):
         raise ValueError("the pool's K and V buffers must be contiguous and of one dtype")
@@ -174,7 +182,7 @@ def qmatmul(
     ``[N, K]``, bfloat16 scales ``[N]``), both contiguous; ``x`` ``[rows, K]`` (last dim
     contiguous) is quantized to int8 per block of 32 (``backend/_cpu_quant.h``)."""
     rows, k = x.shape
-    n = weights.shape[0]
+    n = _check_packed(kind, weights, scales)
     if weights.shape[1] * (2 if kind == Q4 else 1) != k:
         raise ValueError(f"x {tuple(x.shape)} does not match a packed {n}-row matrix")
     out = torch.empty((rows, n), dtype=x.dtype)
@@ -198,11 +206,26 @@ def qmatmul(
 
 def dequantize(kind: int, weights: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """The packed matrix (as `qmatmul` takes it) as bfloat16 ``[N, K]``."""
-    n = weights.shape[0]
+    n = _check_packed(kind, weights, scales)
     k = weights.shape[1] * (2 if kind == Q4 else 1)
     out = torch.empty((n, k), dtype=torch.bfloat16)
     _native.dequantize(kind, weights.data_ptr(), scales.data_ptr(), n, k, out.data_ptr())
     return out
+
+
+def _check_packed(kind: int, weights: torch.Tensor, scales: torch.Tensor) -> int:
+    """Rows of a well-formed packed matrix; ``ValueError`` otherwise."""
+    n, width = weights.shape
+    groups = width * 2 // 32 if kind == Q4 else width // 32
+    expected = {Q4: (torch.uint8, (n, groups, 2)), Q8: (torch.int8, (n,))}.get(kind)
+    if expected is None:
+        raise ValueError(f"kind must be Q4 or Q8, got {kind}")
+    dtype, scales_shape = expected
+    if weights.dtype != dtype or scales.dtype != torch.bfloat16 or scales.shape != scales_shape:
+        raise ValueError(f"a q{kind} matrix is {dtype} weights and bfloat16 {scales_shape} scales")
+    if not (weights.is_contiguous() and scales.is_contiguous()):
+        raise ValueError("packed weights and scales must be contiguous")
+    return n
 
 
 def quant_kernels(name: str | None = None) -> tuple[str, tuple[str, ...]]:

@@ -147,6 +147,7 @@ class ModelRunner:
         return self.model(batch)
 
     @torch.inference_mode()
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits ``[N, vocab]`` for the selected hidden rows."""
-        return self.model.compute_logits(hidden)
+    def logits(self, hidden: torch.Tensor, prefill: bool = False) -> torch.Tensor:
+        """Float32 logits ``[N, vocab]`` for the selected hidden rows (``prefill``: rows of a
+        prefill pass)."""
+        return self.model.compute_logits(hidden, prefill)

@@ -11,9 +11,10 @@ Contract:
   llama.cpp, they quantize the activations to int8 per block of 32 and take exact integer
   dot products, so a product differs from ``x @ dequantize().T`` only by the activations'
   rounding (about 1/254 of each value) and summation order. They take float32 or bfloat16
-  activations and return that dtype; one thread. From ``BF16_GEMM_MIN_ROWS`` rows
-  (prefill), where oneDNN has bfloat16 GEMMs, the matrix is dequantized to bfloat16 instead
-  and multiplied with the activations rounded to bfloat16.
+  activations and return that dtype; one thread. In a prefill pass, from
+  ``BF16_GEMM_MIN_ROWS`` rows and where oneDNN has bfloat16 GEMMs, the matrix is dequantized
+  to bfloat16 instead (on every call: nothing extra is kept) and multiplied with the
+  activations rounded to bfloat16; decode steps always take the integer kernel.
 - Shapes the formats cannot take fall back, per matrix (logged): int4 needs ``K % 64 == 0``,
   else int8; int8 needs ``K % 32 == 0``, else the matrix stays float. Nothing is padded.
 - ``linear(x, weight, bias)`` is the model's one hook: ``F.linear`` for a float weight.
@@ -46,7 +47,16 @@ GROUP_SIZE = 32
 # integer kernel, whose cost grows with the rows (crossover measured at ~32 rows on an
 # AVX-512 BF16 CPU); only where oneDNN has bfloat16 GEMMs.
 BF16_GEMM_MIN_ROWS = 32
-BF16_GEMM = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _onednn_has_bf16() -> bool:
+    try:  # a private probe: absent from some builds
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+BF16_GEMM = _onednn_has_bf16()
 
 
 class QuantizedWeight(ABC):
@@ -59,16 +69,20 @@ class QuantizedWeight(ABC):
     def shape(self) -> tuple[int, int]:
         return self.out_features, self.in_features
 
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``x @ W.T + bias`` for ``x`` ``[..., in_features]``, in ``x.dtype``."""
+    def linear(
+        self, x: torch.Tensor, bias: torch.Tensor | None = None, prefill: bool = False
+    ) -> torch.Tensor:
+        """``x @ W.T + bias`` for ``x`` ``[..., in_features]``, in ``x.dtype``. The integer
+        kernel, or with ``prefill`` from ``BF16_GEMM_MIN_ROWS`` rows the bfloat16 GEMM (so
+        that decode steps compute the same whatever their batch size)."""
         if x.dim() != 2:
-            out = self.linear(x.reshape(-1, self.in_features), bias)
+            out = self.linear(x.reshape(-1, self.in_features), bias, prefill)
             return out.view(*x.shape[:-1], self.out_features)
         if x.stride(-1) != 1:
             x = x.contiguous()
         if not cpu_ops.supports(x):  # another dtype: through float32
-            return self.linear(x.float(), bias).to(x.dtype)
-        if BF16_GEMM and x.shape[0] >= BF16_GEMM_MIN_ROWS:
+            return self.linear(x.float(), bias, prefill).to(x.dtype)
+        if prefill and BF16_GEMM and x.shape[0] >= BF16_GEMM_MIN_ROWS:
             out = F.linear(x.to(torch.bfloat16), self.dequantize_bf16()).to(x.dtype)
         else:
             out = cpu_ops.qmatmul(*self.packed_parts, x)
@@ -196,12 +210,16 @@ def quantize_weight(weight: torch.Tensor, scheme: str) -> QuantizedWeight | torc
 
 
 def linear(
-    x: torch.Tensor, weight: QuantizedWeight | torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: QuantizedWeight | torch.Tensor,
+    bias: torch.Tensor | None = None,
+    prefill: bool = False,
 ) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; a ``QuantizedWeight`` runs its own kernel."""
+    """``F.linear(x, weight, bias)``; a ``QuantizedWeight`` runs its own kernel (``prefill``:
+    ``x`` holds rows of a prefill pass, see ``QuantizedWeight.linear``)."""
     if isinstance(weight, torch.Tensor):
         return F.linear(x, weight, bias)
-    return weight.linear(x, bias)
+    return weight.linear(x, bias, prefill)
 
 
 class QuantizedLinear(nn.Module):

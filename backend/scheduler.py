@@ -383,7 +383,7 @@ class Scheduler:
         num_logprob_rows = sum(len(p) for p in picks)
         if sample_rows:
             picks.append(torch.tensor(sample_rows, dtype=torch.int64))
-        logits = self.runner.logits(hidden[torch.cat(picks)]) if picks else None
+        logits = self.runner.logits(hidden[torch.cat(picks)], prefill=True) if picks else None
 
         for req, first_tok, count, row_offset in logprob_ranges:
             self.outputs.add_input_logprobs(req, first_tok, logits[row_offset : row_offset + count])

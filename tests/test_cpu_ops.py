@@ -86,6 +86,41 @@ def test_rope_of_a_strided_view_matches_torch(dtype: torch.dtype, head_dim: int)
         cpu_ops.rope(x, torch.tensor([0, 1, 2, 512]), cos, sin)
 
 
+def test_malformed_arguments_are_refused() -> None:
+    """What would make the C code read out of bounds is refused by the wrappers."""
+    cos, sin = rope_tables(LlamaConfig(), 64, 16)
+    x = torch.randn(4, 2, 64)
+    for args, message in [
+        ((x, torch.arange(4), cos[:, :32], sin[:, :32]), "RoPE tables"),
+        ((x, torch.arange(1), cos, sin), "positions"),
+        ((torch.randn(4, 2, 5), torch.arange(4), cos, sin), "even head dim"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            cpu_ops.rope(*args)
+    with pytest.raises(ValueError, match="even width"):
+        cpu_ops.silu_and_mul(torch.randn(2, 7))
+    codes = torch.zeros(64, 32, dtype=torch.uint8)  # a q4 64 x 64 matrix
+    good = torch.ones(64, 2, 2, dtype=torch.bfloat16)
+    assert cpu_ops.qmatmul(cpu_ops.Q4, codes, good, torch.randn(1, 64)).shape == (1, 64)
+    for scales in (good[:1], good.float(), good.transpose(0, 1).contiguous()):
+        with pytest.raises(ValueError, match="bfloat16"):
+            cpu_ops.qmatmul(cpu_ops.Q4, codes, scales, torch.randn(1, 64))
+    with pytest.raises(ValueError, match="contiguous"):
+        cpu_ops.dequantize(cpu_ops.Q4, codes.t().contiguous().t(), good)
+
+
+def test_nan_activations_stay_nan() -> None:
+    """A NaN in an activation group makes the products NaN, as a float product would."""
+    x = torch.randn(2, 64)
+    x[0, 5] = float("nan")
+    for kind, weights, scales in [
+        (cpu_ops.Q4, torch.full((8, 32), 0x35, dtype=torch.uint8), torch.ones(8, 2, 2)),
+        (cpu_ops.Q8, torch.ones(8, 64, dtype=torch.int8), torch.ones(8)),
+    ]:
+        out = cpu_ops.qmatmul(kind, weights, scales.bfloat16(), x)
+        assert bool(out[0].isnan().all()) and bool(out[1].isfinite().all())
+
+
 # ---- decode attention ----------------------------------------------------------------------
 
 
@@ -159,24 +194,27 @@ def engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
     torch.set_num_threads(previous)
 
 
-def test_native_step_equals_the_per_op_path(engine: Engine) -> None:
-    """Logits of one decode step of three requests (different lengths, scattered slots) are
-    bit-identical through the native decoder and through the model op by op, and both write
-    the same K/V."""
+@pytest.mark.parametrize("batch", [3, 40])  # 40: past the prefill GEMM's row threshold
+def test_native_step_equals_the_per_op_path(engine: Engine, batch: int) -> None:
+    """Logits of one decode step of several requests (different lengths, scattered slots)
+    are bit-identical through the native decoder and through the model op by op, and both
+    write the same K/V."""
     runner = engine.scheduler.runner
     decoder = runner.native_decoder
     assert isinstance(decoder, NativeDecoder)
     engine.wait_idle()
     engine.flush_cache()
     table, pool = runner.table.table, engine.pool
-    rows, lens = [1, 2, 3], [9, 1, 130]
+    rows = list(range(1, batch + 1))
+    lens = [[9, 1, 130][i] if i < 3 else 2 + i for i in range(batch)]
     slots = pool.alloc(sum(lens))
     assert slots is not None
+    slots = slots[torch.randperm(len(slots), generator=gen())]  # scattered
     start = 0
     for row, n in zip(rows, lens):
         table[row, :n] = slots[start : start + n]
         start += n
-    tokens = [42, 7, 1000]
+    tokens = [(42 + 997 * i) % engine.model.vocab_size for i in range(batch)]
     try:
         kv = [buf.clone() for buf in pool.k_buffers + pool.v_buffers]
         runner.native_decoder = None

@@ -188,15 +188,18 @@ def test_kernel_is_exact(kernels: str, scheme: str, rows: int, dtype: torch.dtyp
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.skipif(not BF16_GEMM, reason="no oneDNN bfloat16 GEMM on this CPU")
 def test_many_rows_take_a_bfloat16_gemm(scheme: str) -> None:
-    """From BF16_GEMM_MIN_ROWS rows (prefill) the matrix is dequantized natively to bfloat16
-    (exactly the rounded dequantize()) and multiplied with bfloat16 activations."""
+    """In a prefill pass, from BF16_GEMM_MIN_ROWS rows, the matrix is dequantized natively
+    to bfloat16 (exactly the rounded dequantize()) and multiplied with bfloat16 activations;
+    decode rows always take the integer kernel, whatever their number."""
     w = matrix(40, 128)
     packed = quantize_int4(w) if scheme == "int4" else quantize_int8(w)
     assert torch.equal(packed.dequantize_bf16(), packed.dequantize().bfloat16())
     x = torch.randn(BF16_GEMM_MIN_ROWS, 128, generator=gen(3))
     bias = torch.randn(40, generator=gen(4))
     expected = F.linear(x.bfloat16(), packed.dequantize().bfloat16()).float() + bias
-    torch.testing.assert_close(linear(x, packed, bias), expected, rtol=0, atol=0)
+    torch.testing.assert_close(linear(x, packed, bias, prefill=True), expected, rtol=0, atol=0)
+    integer = kernel_reference(x, packed) + bias.double()
+    torch.testing.assert_close(linear(x, packed, bias).double(), integer, rtol=1e-5, atol=1e-5)
 
 
 def test_other_activation_dtypes_go_through_float32() -> None:
@@ -218,7 +221,8 @@ def test_shapes_the_formats_cannot_take_fall_back() -> None:
     with pytest.raises(ValueError, match="int8 needs"):
         quantize_int8(w)
     with pytest.raises(ValueError, match="does not match"):
-        cpu_ops.qmatmul(cpu_ops.Q8, quantize_int8(matrix(8, 64)).values, torch.ones(8), w[:2])
+        packed = quantize_int8(matrix(8, 64))
+        cpu_ops.qmatmul(cpu_ops.Q8, packed.values, packed.scales, w[:2])
 
 
 def test_unknown_kernels_are_refused() -> None:

@@ -22,7 +22,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from backend.forward_batch import ForwardBatch
+from backend.forward_batch import ForwardBatch, ForwardMode
 from backend.fused_ops import add_rms_norm_, rms_norm_reference, rope, silu_and_mul
 from backend.quantization import linear  # F.linear, or a quantized weight's kernel
 
@@ -121,7 +121,7 @@ class Attention(nn.Module):
         self.qkv_weight, self.qkv_bias = _fuse_linears((self.q_proj, self.k_proj, self.v_proj))
 
     def _project_qkv(
-        self, x: torch.Tensor, rotary: Rotary
+        self, x: torch.Tensor, rotary: Rotary, prefill: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q ``[T, H, D]``, k and v ``[T, Hkv, D]``, RoPE applied to q and k."""
         t, heads, kv_heads = x.shape[0], self.num_heads, self.num_kv_heads
@@ -130,7 +130,8 @@ class Attention(nn.Module):
                 F.linear(x, p.weight, p.bias) for p in (self.q_proj, self.k_proj, self.v_proj)
             )
         else:
-            qkv = linear(x, self.qkv_weight, self.qkv_bias).view(t, heads + 2 * kv_heads, -1)
+            qkv = linear(x, self.qkv_weight, self.qkv_bias, prefill)
+            qkv = qkv.view(t, heads + 2 * kv_heads, -1)
             if not self.qk_norm:  # q and k are neighbouring heads: one RoPE call for both
                 q, k = rotary(qkv[:, : heads + kv_heads]).split([heads, kv_heads], 1)
                 return q, k, qkv[:, heads + kv_heads :]
@@ -143,9 +144,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rotary: Rotary, batch: ForwardBatch) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self._project_qkv(x, rotary)
+        prefill = batch.mode == ForwardMode.EXTEND
+        q, k, v = self._project_qkv(x, rotary, prefill)
         out = batch.attn_backend.forward(q, k, v, self.layer_id, batch)
-        return linear(out.reshape(t, -1), self.o_proj.weight, self.o_proj.bias)
+        return linear(out.reshape(t, -1), self.o_proj.weight, self.o_proj.bias, prefill)
 
 
 class MLP(nn.Module):
@@ -164,16 +166,16 @@ class MLP(nn.Module):
         """Concatenate the gate and up projections into one matrix (one GEMM)."""
         self.gate_up_weight, self.gate_up_bias = _fuse_linears((self.gate_proj, self.up_proj))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, prefill: bool = False) -> torch.Tensor:
         if self.gate_up_weight is None:
             gate = self.act_fn(F.linear(x, self.gate_proj.weight, self.gate_proj.bias))
             gate = gate.mul_(F.linear(x, self.up_proj.weight, self.up_proj.bias))
         elif self.act_fn is F.silu:
-            gate = silu_and_mul(linear(x, self.gate_up_weight, self.gate_up_bias))
+            gate = silu_and_mul(linear(x, self.gate_up_weight, self.gate_up_bias, prefill))
         else:
-            gate, up = linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, -1)
+            gate, up = linear(x, self.gate_up_weight, self.gate_up_bias, prefill).chunk(2, -1)
             gate = self.act_fn(gate).mul_(up)
-        return linear(gate, self.down_proj.weight, self.down_proj.bias)
+        return linear(gate, self.down_proj.weight, self.down_proj.bias, prefill)
 
 
 class DecoderLayer(nn.Module):
@@ -199,7 +201,8 @@ class DecoderLayer(nn.Module):
         attn = self.self_attn.forward(x, rotary, batch)
         norm = self.post_attention_layernorm
         x = add_rms_norm_(attn, hidden, norm.weight, norm.eps)
-        return add_rms_norm_(self.mlp.forward(x), hidden, next_norm.weight, next_norm.eps)
+        mlp = self.mlp.forward(x, batch.mode == ForwardMode.EXTEND)
+        return add_rms_norm_(mlp, hidden, next_norm.weight, next_norm.eps)
 
 
 class Model(nn.Module):
@@ -268,9 +271,10 @@ class CausalLM(nn.Module):
         return x
 
     @torch.no_grad()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits ``[N, vocab]`` for the rows of ``hidden`` the caller selected."""
-        return linear(hidden, self.lm_head.weight).float()
+    def compute_logits(self, hidden: torch.Tensor, prefill: bool = False) -> torch.Tensor:
+        """Float32 logits ``[N, vocab]`` for the rows of ``hidden`` the caller selected
+        (``prefill``: rows of a prefill pass, see ``quantization.linear``)."""
+        return linear(hidden, self.lm_head.weight, None, prefill).float()
 
 
 def _fuse_linears(projs: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
