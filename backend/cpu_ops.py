@@ -204,11 +204,17 @@ def qmatmul(
     return out
 
 
-def dequantize(kind: int, weights: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The packed matrix (as `qmatmul` takes it) as bfloat16 ``[N, K]``."""
+def dequantize(
+    kind: int, weights: torch.Tensor, scales: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The packed matrix (as `qmatmul` takes it) as bfloat16 ``[N, K]``, written into ``out``
+    (contiguous bfloat16 ``[N, K]``) when given."""
     n = _check_packed(kind, weights, scales)
     k = weights.shape[1] * (2 if kind == Q4 else 1)
-    out = torch.empty((n, k), dtype=torch.bfloat16)
+    if out is None:
+        out = torch.empty((n, k), dtype=torch.bfloat16)
+    elif out.dtype != torch.bfloat16 or out.shape != (n, k) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous bfloat16 [{n}, {k}] tensor")
     _native.dequantize(kind, weights.data_ptr(), scales.data_ptr(), n, k, out.data_ptr())
     return out
 

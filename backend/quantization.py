@@ -13,8 +13,9 @@ Contract:
   rounding (about 1/254 of each value) and summation order. They take float32 or bfloat16
   activations and return that dtype; one thread. In a prefill pass, from
   ``BF16_GEMM_MIN_ROWS`` rows and where oneDNN has bfloat16 GEMMs, the matrix is dequantized
-  to bfloat16 instead (on every call: nothing extra is kept) and multiplied with the
-  activations rounded to bfloat16; decode steps always take the integer kernel.
+  to bfloat16 instead, into a buffer each thread keeps (the size of the largest matrix), and
+  multiplied with the activations rounded to bfloat16; decode steps always take the integer
+  kernel.
 - Shapes the formats cannot take fall back, per matrix (logged): int4 needs ``K % 64 == 0``,
   else int8; int8 needs ``K % 32 == 0``, else the matrix stays float. Nothing is padded.
 - ``linear(x, weight, bias)`` is the model's one hook: ``F.linear`` for a float weight.
@@ -27,6 +28,7 @@ Contract:
 from __future__ import annotations
 
 import logging
+import threading
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
@@ -44,9 +46,9 @@ logger = logging.getLogger(__name__)
 SCHEMES: tuple[str, ...] = ("int4", "int8")
 GROUP_SIZE = 32
 # From this many rows (prefill), a bfloat16 GEMM over the dequantized matrix beats the
-# integer kernel, whose cost grows with the rows (crossover measured at ~32 rows on an
+# integer kernel, whose cost grows with the rows (crossover measured at ~12-16 rows on an
 # AVX-512 BF16 CPU); only where oneDNN has bfloat16 GEMMs.
-BF16_GEMM_MIN_ROWS = 32
+BF16_GEMM_MIN_ROWS = 16
 
 
 def _onednn_has_bf16() -> bool:
@@ -57,6 +59,18 @@ def _onednn_has_bf16() -> bool:
 
 
 BF16_GEMM = _onednn_has_bf16()
+
+
+_scratch = threading.local()
+
+
+def _bf16_scratch(n: int, k: int) -> torch.Tensor:
+    """A bfloat16 ``[n, k]`` view of a buffer kept per thread and grown as needed (the
+    largest matrix's size): a fresh allocation of tens of MB page-faults on every use."""
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < n * k:
+        buffer = _scratch.buffer = torch.empty(n * k, dtype=torch.bfloat16)
+    return buffer[: n * k].view(n, k)
 
 
 class QuantizedWeight(ABC):
@@ -83,7 +97,8 @@ class QuantizedWeight(ABC):
         if not cpu_ops.supports(x):  # another dtype: through float32
             return self.linear(x.float(), bias, prefill).to(x.dtype)
         if prefill and BF16_GEMM and x.shape[0] >= BF16_GEMM_MIN_ROWS:
-            out = F.linear(x.to(torch.bfloat16), self.dequantize_bf16()).to(x.dtype)
+            weight = self.dequantize_bf16(scratch=True)
+            out = F.linear(x.to(torch.bfloat16), weight).to(x.dtype)
         else:
             out = cpu_ops.qmatmul(*self.packed_parts, x)
         return out if bias is None else out.add_(bias)
@@ -93,9 +108,11 @@ class QuantizedWeight(ABC):
     def packed_parts(self) -> tuple[int, torch.Tensor, torch.Tensor]:
         """``(kind, weights, scales)`` as ``cpu_ops.qmatmul`` takes them."""
 
-    def dequantize_bf16(self) -> torch.Tensor:
-        """The matrix as bfloat16, computed natively (for the prefill GEMM)."""
-        return cpu_ops.dequantize(*self.packed_parts)
+    def dequantize_bf16(self, scratch: bool = False) -> torch.Tensor:
+        """The matrix as bfloat16, computed natively; with ``scratch``, into this thread's
+        reusable buffer (valid until its next use: what the prefill GEMM needs)."""
+        out = _bf16_scratch(*self.shape) if scratch else None
+        return cpu_ops.dequantize(*self.packed_parts, out=out)
 
     @abstractmethod
     def dequantize(self) -> torch.Tensor:

@@ -187,13 +187,14 @@ def test_kernel_is_exact(kernels: str, scheme: str, rows: int, dtype: torch.dtyp
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.skipif(not BF16_GEMM, reason="no oneDNN bfloat16 GEMM on this CPU")
-def test_many_rows_take_a_bfloat16_gemm(scheme: str) -> None:
+def test_many_rows_take_a_bfloat16_gemm(kernels: str, scheme: str) -> None:
     """In a prefill pass, from BF16_GEMM_MIN_ROWS rows, the matrix is dequantized natively
     to bfloat16 (exactly the rounded dequantize()) and multiplied with bfloat16 activations;
     decode rows always take the integer kernel, whatever their number."""
     w = matrix(40, 128)
     packed = quantize_int4(w) if scheme == "int4" else quantize_int8(w)
     assert torch.equal(packed.dequantize_bf16(), packed.dequantize().bfloat16())
+    assert torch.equal(packed.dequantize_bf16(scratch=True), packed.dequantize().bfloat16())
     x = torch.randn(BF16_GEMM_MIN_ROWS, 128, generator=gen(3))
     bias = torch.randn(40, generator=gen(4))
     expected = F.linear(x.bfloat16(), packed.dequantize().bfloat16()).float() + bias
