@@ -128,9 +128,16 @@ static int32_t rows_fill_class(DfaRowsObject *d, Py_ssize_t q, int byte) {
     TermStoreObject *s = d->store;
     int32_t term = d->terms[q];
     int32_t k = partition_of(s, term)->index[byte];
-    int32_t succ = t_derive(s, term, bits_lowest(class_mask(s, term, k)));
-    int32_t target = succ < 0 ? -2 : rows_state_of(d, succ);
-    if (target == -2) return -2;
+    /* A byte no string of the term starts with has an empty derivative, and so has its whole
+     * class (the derivative is the same on a class): no need to derive. */
+    int starts = may_start(s, term, byte);
+    if (starts < 0) return -2;
+    int32_t target = STATE_DEAD;
+    if (starts) {
+        int32_t succ = t_derive(s, term, bits_lowest(class_mask(s, term, k)));
+        target = succ < 0 ? -2 : rows_state_of(d, succ);
+        if (target == -2) return -2;
+    }
     int32_t *row = rows_row(d, q); /* class_mask may not be held across the calls above */
     const Bits256 *m = class_mask(s, term, k);
     for (int w = 0; w < 4; w++) {

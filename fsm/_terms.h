@@ -3,19 +3,24 @@
  * concatenation, union, intersection, complement, bounded repetition) with nullability,
  * derivative classes, Brzozowski derivatives and emptiness, all cached per term. The Python
  * class fsm.terms.TermStore subclasses the type defined here (`_native.TermStore`); the
- * semantics are those documented there, and every construction below mirrors a smart
- * constructor of that module (same simplifications, same ids in the same order).
+ * semantics are those documented there.
  *
  * Included once by _native.c (the extension is one translation unit).
  *
  * Layout: a term is an index into `terms` (EMPTY = 0, EPS = 1). Byte sets are 256-bit masks
  * kept in `masks`; union and intersection members (sorted ids) in `members`. Derivative
  * classes (a partition of the 256 bytes) are interned in `parts`, each with its masks (in
- * `class_masks`) and a byte -> class map; a term with classes computed has one derivative slot
- * per class in `derivs` (T_ERROR until computed), so a cached derivative costs two loads.
- * These arrays grow, so no pointer into them is held across a call that may add terms: code
- * keeps indices and copies fields into locals. The recursion (derivatives, classes,
- * emptiness) is bounded by `max_depth` (RecursionError).
+ * `class_masks`) and a byte -> class map, in a table shared by the stores (see Partitions);
+ * a term with classes computed has one derivative slot per class in `derivs` (T_ERROR until
+ * computed), so a cached derivative costs two loads. These arrays grow, so no pointer into
+ * them is held across a call that may add terms or partitions: code keeps indices and copies
+ * fields into locals. The recursion (derivatives, classes, emptiness) is bounded by
+ * `max_depth` (RecursionError).
+ *
+ * Normal forms, beyond the Python constructors' (which the ids then no longer mirror):
+ * concatenations associate to the right, and a union built by `alt` (not a derivative's)
+ * left-factors members with a common head. A derivative along a literal, such as a declared
+ * key followed by the rest of a document, is then an existing term, not a new one per byte.
  */
 #include <stdint.h>
 #include <string.h>
@@ -80,7 +85,10 @@ typedef struct {
     int32_t part;   /* derivative classes: index in `parts`, -1 until computed */
     int32_t derivs; /* offset of the term's derivative slots (one per class) in `derivs` */
     uint16_t safe[SAFE_SLOTS]; /* t_safe results per slice slot, SAFE_UNKNOWN until known */
+    uint16_t safe_epoch;       /* `safe` holds results only while this is the store's epoch */
 } Term;
+
+_Static_assert(sizeof(Term) <= 64, "a term fits in a cache line");
 
 /* A growable array of term ids with inline storage for short lists. */
 typedef struct {
@@ -138,14 +146,12 @@ typedef struct {
     uint8_t index[256];  /* byte -> class */
 } Partition;
 
+/* The interned partitions and the refine_pair memo. They depend on byte sets only, so stores
+ * share them: most partitions of a schema (strings, numbers, punctuation) are met again in the
+ * next one. New stores take the current table (`shared_partitions`) until it holds
+ * PARTITIONS_CAP_BYTES, then a fresh one; a table lives as long as a store refers to it. */
 typedef struct {
-    PyObject_HEAD
-    Term *terms;
-    Py_ssize_t n_terms, cap_terms;
-    Bits256 *masks;
-    Py_ssize_t n_masks, cap_masks;
-    int32_t *members;
-    Py_ssize_t n_members, cap_members;
+    Py_ssize_t refs; /* the stores using it, plus one while it is the current table */
     Partition *parts;
     Py_ssize_t n_parts, cap_parts;
     Bits256 *class_masks;
@@ -155,17 +161,68 @@ typedef struct {
     uint64_t *pair_keys; /* refine_pair memo: ((a << 32) | b) + 1, 0 = free slot */
     int32_t *pair_vals;
     Py_ssize_t pair_cap, pair_n;
+    Bits256 *scratch; /* refine_pair's classes (never used across a recursive call) */
+    Py_ssize_t scratch_cap;
+} Partitions;
+
+#define PARTITIONS_CAP_BYTES (64 << 20)
+
+static Partitions *current_partitions; /* the table new stores share (NULL: none yet) */
+
+static void partitions_release(Partitions *p) {
+    if (p == NULL || --p->refs > 0) return;
+    PyMem_Free(p->parts);
+    PyMem_Free(p->class_masks);
+    PyMem_Free(p->part_intern);
+    PyMem_Free(p->pair_keys);
+    PyMem_Free(p->pair_vals);
+    PyMem_Free(p->scratch);
+    PyMem_Free(p);
+}
+
+/* The table for a new store, with a reference taken for it; NULL with MemoryError. */
+static Partitions *shared_partitions(void) {
+    Partitions *p = current_partitions;
+    if (p != NULL && p->n_parts * (Py_ssize_t)sizeof(Partition) +
+                             p->n_class_masks * (Py_ssize_t)sizeof(Bits256) +
+                             p->pair_cap * (Py_ssize_t)(sizeof(uint64_t) + sizeof(int32_t)) >
+                         PARTITIONS_CAP_BYTES) {
+        current_partitions = NULL;
+        partitions_release(p); /* the stores using it keep it */
+        p = NULL;
+    }
+    if (p == NULL) {
+        p = PyMem_Calloc(1, sizeof(Partitions));
+        if (p == NULL) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        p->refs = 1;
+        current_partitions = p;
+    }
+    p->refs++;
+    return p;
+}
+
+typedef struct {
+    PyObject_HEAD
+    Partitions *pt; /* the partitions, shared with other stores */
+    Term *terms;
+    Py_ssize_t n_terms, cap_terms;
+    Bits256 *masks;
+    Py_ssize_t n_masks, cap_masks;
+    int32_t *members;
+    Py_ssize_t n_members, cap_members;
     int32_t *derivs;
     Py_ssize_t n_derivs, cap_derivs;
     int32_t *intern; /* open addressing over term ids, -1 = free slot */
     Py_ssize_t intern_cap;
-    Bits256 *scratch; /* refine_pair's classes (never used across a recursive call) */
-    Py_ssize_t scratch_cap;
     int32_t anything;
     int depth, max_depth;
     uint64_t rows; /* derivative rows computed (see `row`) */
     Slice safe_sets[SAFE_SLOTS]; /* the slices of the t_safe result slots */
     int n_safe_sets;
+    uint16_t safe_epoch; /* advanced to forget every term's t_safe results at once */
 } TermStoreObject;
 
 /* ------------------------------------------------------------------ hashing and interning */
@@ -263,7 +320,8 @@ static int32_t make_term(TermStoreObject *s, uint8_t kind, int32_t a, int32_t b,
               .hash = h,
               .first = -1,
               .part = -1,
-              .safe = {SAFE_UNKNOWN, SAFE_UNKNOWN, SAFE_UNKNOWN, SAFE_UNKNOWN}};
+              .safe = {SAFE_UNKNOWN, SAFE_UNKNOWN, SAFE_UNKNOWN, SAFE_UNKNOWN},
+              .safe_epoch = s->safe_epoch};
     if (kind == K_BYTES) {
         if (reserve_items((void **)&s->masks, &s->cap_masks, s->n_masks + 1, sizeof(Bits256)) < 0) {
             return T_ERROR;
@@ -295,13 +353,36 @@ static int32_t t_byteset(TermStoreObject *s, const Bits256 *mask) {
     return make_term(s, K_BYTES, 0, 0, 0, 0, NULL, mask, 0, 0);
 }
 
+/* The concatenation of a head that is not a concatenation and any b. */
+static int32_t concat_cell(TermStoreObject *s, int32_t a, int32_t b) {
+    const Term *x = &s->terms[a], *y = &s->terms[b];
+    return make_term(s, K_CONCAT, a, b, 0, 0, NULL, NULL, x->nullable && y->nullable,
+                     x->boolean || y->boolean);
+}
+
+/* Concatenation, kept associated to the right: a concatenation's head is never itself a
+ * concatenation, so the derivative of a chain by its first byte is the chain's existing tail
+ * (a literal followed by the rest of a document derives without building new terms). */
 static int32_t t_concat(TermStoreObject *s, int32_t a, int32_t b) {
     if (a == T_EMPTY || b == T_EMPTY) return T_EMPTY;
     if (a == T_EPS) return b;
     if (b == T_EPS) return a;
-    const Term *x = &s->terms[a], *y = &s->terms[b];
-    return make_term(s, K_CONCAT, a, b, 0, 0, NULL, NULL, x->nullable && y->nullable,
-                     x->boolean || y->boolean);
+    if (s->terms[a].kind != K_CONCAT) return concat_cell(s, a, b);
+    IdVec heads; /* a's chain: heads[0] heads[1] ... then b */
+    idvec_init(&heads);
+    int32_t out = b;
+    for (int32_t t = a; out >= 0; t = s->terms[t].b) {
+        if (s->terms[t].kind != K_CONCAT) {
+            if (idvec_push(&heads, t) < 0) out = T_ERROR;
+            break;
+        }
+        if (idvec_push(&heads, s->terms[t].a) < 0) out = T_ERROR;
+    }
+    for (Py_ssize_t k = heads.n - 1; k >= 0 && out >= 0; k--) {
+        out = concat_cell(s, heads.v[k], out);
+    }
+    idvec_free(&heads);
+    return out;
 }
 
 static int cmp_id(const void *p, const void *q) {
@@ -327,9 +408,70 @@ static int idvec_has(const IdVec *x, int32_t id) {
     return 0;
 }
 
+static int cmp_u64(const void *p, const void *q) {
+    uint64_t a = *(const uint64_t *)p, b = *(const uint64_t *)q;
+    return (a > b) - (a < b);
+}
+
+static int enter(TermStoreObject *s);
+static inline void leave(TermStoreObject *s);
+static int32_t t_alt(TermStoreObject *s, const int32_t *items, Py_ssize_t n, int factor);
+
+/* Left-factor the concatenations among the members m of a union that share a head:
+ * h x | h y | ... becomes h (x | y | ...), so that a derivative by h's bytes is one existing
+ * tail instead of one new term per member (the keys of an object become a trie of terms).
+ * m stays sorted and unique. 0, or -1 with an exception set. */
+static int factor_heads(TermStoreObject *s, IdVec *m) {
+    uint64_t *pairs = PyMem_Malloc((size_t)(m->n ? m->n : 1) * sizeof(uint64_t));
+    if (pairs == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    Py_ssize_t n = 0, shared = 0; /* pairs[k]: (head << 32) | member, for the concatenations */
+    for (Py_ssize_t k = 0; k < m->n; k++) {
+        const Term *x = &s->terms[m->v[k]];
+        if (x->kind == K_CONCAT) pairs[n++] = ((uint64_t)(uint32_t)x->a << 32) | (uint32_t)m->v[k];
+    }
+    qsort(pairs, (size_t)n, sizeof(uint64_t), cmp_u64);
+    for (Py_ssize_t k = 1; k < n; k++) shared += pairs[k] >> 32 == pairs[k - 1] >> 32;
+    int status = 0;
+    if (shared == 0 || enter(s) < 0) {
+        PyMem_Free(pairs);
+        return shared == 0 ? 0 : -1;
+    }
+    IdVec out, tails;
+    idvec_init(&out);
+    idvec_init(&tails);
+    for (Py_ssize_t k = 0; k < m->n && status == 0; k++) { /* the other members stay */
+        if (s->terms[m->v[k]].kind != K_CONCAT) status = idvec_push(&out, m->v[k]);
+    }
+    for (Py_ssize_t k = 0, end; k < n && status == 0; k = end) {
+        int32_t head = (int32_t)(pairs[k] >> 32);
+        tails.n = 0;
+        for (end = k; end < n && (int32_t)(pairs[end] >> 32) == head && status == 0; end++) {
+            status = idvec_push(&tails, s->terms[(int32_t)(uint32_t)pairs[end]].b);
+        }
+        int32_t rest = status < 0 ? T_ERROR : t_alt(s, tails.v, tails.n, 1);
+        int32_t merged = rest < 0 ? T_ERROR : t_concat(s, head, rest);
+        status = merged < 0 ? -1 : idvec_push(&out, merged);
+    }
+    leave(s);
+    if (status == 0) {
+        idvec_free(m);
+        *m = out;
+        if (m->v == out.small) m->v = m->small; /* the inline storage moved with the struct */
+        sort_unique(m);
+    } else {
+        idvec_free(&out);
+    }
+    idvec_free(&tails);
+    PyMem_Free(pairs);
+    return status;
+}
+
 /* Union of items[0 .. n-1]: flattens, drops EMPTY, merges byte sets, absorbs EPS into
  * nullable peers (fsm.terms.TermStore.alt). */
-static int32_t t_alt(TermStoreObject *s, const int32_t *items, Py_ssize_t n) {
+static int32_t t_alt(TermStoreObject *s, const int32_t *items, Py_ssize_t n, int factor) {
     IdVec m;
     idvec_init(&m);
     Bits256 mask = {{0, 0, 0, 0}};
@@ -363,6 +505,7 @@ static int32_t t_alt(TermStoreObject *s, const int32_t *items, Py_ssize_t n) {
         if (bytes < 0 || idvec_push(&m, bytes) < 0) goto done;
         sort_unique(&m);
     }
+    if (factor && m.n > 1 && factor_heads(s, &m) < 0) goto done;
     if (idvec_has(&m, T_EPS)) {
         int other_nullable = 0;
         for (Py_ssize_t k = 0; k < m.n; k++) {
@@ -478,57 +621,60 @@ static inline void leave(TermStoreObject *s) { s->depth--; }
 /* ------------------------------------------------------------------ derivative classes */
 
 static const Partition *partition_of(const TermStoreObject *s, int32_t t) {
-    return &s->parts[s->terms[t].part];
+    return &s->pt->parts[s->terms[t].part];
 }
 
 static const Bits256 *class_mask(const TermStoreObject *s, int32_t t, int32_t k) {
-    return &s->class_masks[partition_of(s, t)->masks + k];
+    return &s->pt->class_masks[partition_of(s, t)->masks + k];
 }
 
 static int part_rehash(TermStoreObject *s, Py_ssize_t cap) {
+    Partitions *pt = s->pt;
     int32_t *table = PyMem_Malloc((size_t)cap * sizeof(int32_t));
     if (table == NULL) {
         PyErr_NoMemory();
         return -1;
     }
     memset(table, 0xFF, (size_t)cap * sizeof(int32_t));
-    for (Py_ssize_t id = 0; id < s->n_parts; id++) {
-        Py_ssize_t k = (Py_ssize_t)(s->parts[id].hash & (uint64_t)(cap - 1));
+    for (Py_ssize_t id = 0; id < pt->n_parts; id++) {
+        Py_ssize_t k = (Py_ssize_t)(pt->parts[id].hash & (uint64_t)(cap - 1));
         while (table[k] >= 0) k = (k + 1) & (cap - 1);
         table[k] = (int32_t)id;
     }
-    PyMem_Free(s->part_intern);
-    s->part_intern = table;
-    s->part_intern_cap = cap;
+    PyMem_Free(pt->part_intern);
+    pt->part_intern = table;
+    pt->part_intern_cap = cap;
     return 0;
 }
 
 /* The id of the partition cls[0 .. n-1] (interned), or -1 on memory errors. */
 static int32_t intern_partition(TermStoreObject *s, const Bits256 *cls, int32_t n) {
+    Partitions *pt = s->pt;
     uint64_t h = mix(0x9876ULL, (uint64_t)n);
     for (int32_t k = 0; k < n; k++) {
         for (int w = 0; w < 4; w++) h = mix(h, cls[k].w[w]);
     }
-    if (!s->part_intern_cap && part_rehash(s, 256) < 0) return -1;
-    Py_ssize_t j = (Py_ssize_t)(h & (uint64_t)(s->part_intern_cap - 1));
-    for (int32_t id; (id = s->part_intern[j]) >= 0; j = (j + 1) & (s->part_intern_cap - 1)) {
-        const Partition *p = &s->parts[id];
+    if (!pt->part_intern_cap && part_rehash(s, 256) < 0) return -1;
+    Py_ssize_t j = (Py_ssize_t)(h & (uint64_t)(pt->part_intern_cap - 1));
+    for (int32_t id; (id = pt->part_intern[j]) >= 0; j = (j + 1) & (pt->part_intern_cap - 1)) {
+        const Partition *p = &pt->parts[id];
         if (p->hash == h && p->n == n &&
-            !memcmp(&s->class_masks[p->masks], cls, (size_t)n * sizeof(Bits256))) {
+            !memcmp(&pt->class_masks[p->masks], cls, (size_t)n * sizeof(Bits256))) {
             return id;
         }
     }
-    if (reserve_items((void **)&s->parts, &s->cap_parts, s->n_parts + 1, sizeof(Partition)) < 0 ||
-        reserve_items((void **)&s->class_masks, &s->cap_class_masks, s->n_class_masks + n,
+    if (reserve_items((void **)&pt->parts, &pt->cap_parts, pt->n_parts + 1,
+                      sizeof(Partition)) < 0 ||
+        reserve_items((void **)&pt->class_masks, &pt->cap_class_masks, pt->n_class_masks + n,
                       sizeof(Bits256)) < 0) {
         return -1;
     }
-    Partition *p = &s->parts[s->n_parts];
+    Partition *p = &pt->parts[pt->n_parts];
     p->n = n;
-    p->masks = (int32_t)s->n_class_masks;
+    p->masks = (int32_t)pt->n_class_masks;
     p->hash = h;
-    memcpy(&s->class_masks[s->n_class_masks], cls, (size_t)n * sizeof(Bits256));
-    s->n_class_masks += n;
+    memcpy(&pt->class_masks[pt->n_class_masks], cls, (size_t)n * sizeof(Bits256));
+    pt->n_class_masks += n;
     for (int32_t k = 0; k < n; k++) {
         for (int w = 0; w < 4; w++) {
             for (uint64_t bits = cls[k].w[w]; bits; bits &= bits - 1) {
@@ -536,9 +682,9 @@ static int32_t intern_partition(TermStoreObject *s, const Bits256 *cls, int32_t 
             }
         }
     }
-    int32_t id = (int32_t)s->n_parts++;
-    s->part_intern[j] = id;
-    if (2 * s->n_parts > s->part_intern_cap && part_rehash(s, 2 * s->part_intern_cap) < 0) {
+    int32_t id = (int32_t)pt->n_parts++;
+    pt->part_intern[j] = id;
+    if (2 * pt->n_parts > pt->part_intern_cap && part_rehash(s, 2 * pt->part_intern_cap) < 0) {
         return -1;
     }
     return id;
@@ -546,7 +692,7 @@ static int32_t intern_partition(TermStoreObject *s, const Bits256 *cls, int32_t 
 
 /* Give t the partition `part` and one empty derivative slot per class. */
 static int put_classes(TermStoreObject *s, int32_t t, int32_t part) {
-    int32_t n = s->parts[part].n;
+    int32_t n = s->pt->parts[part].n;
     if (reserve_items((void **)&s->derivs, &s->cap_derivs, s->n_derivs + n, sizeof(int32_t)) < 0) {
         return -1;
     }
@@ -558,7 +704,8 @@ static int put_classes(TermStoreObject *s, int32_t t, int32_t part) {
 }
 
 static int pair_grow(TermStoreObject *s) {
-    Py_ssize_t cap = s->pair_cap ? 2 * s->pair_cap : 1024;
+    Partitions *pt = s->pt;
+    Py_ssize_t cap = pt->pair_cap ? 2 * pt->pair_cap : 1024;
     uint64_t *keys = PyMem_Calloc((size_t)cap, sizeof(uint64_t));
     int32_t *vals = PyMem_Malloc((size_t)cap * sizeof(int32_t));
     if (keys == NULL || vals == NULL) {
@@ -567,48 +714,49 @@ static int pair_grow(TermStoreObject *s) {
         PyErr_NoMemory();
         return -1;
     }
-    for (Py_ssize_t k = 0; k < s->pair_cap; k++) {
-        if (!s->pair_keys[k]) continue;
-        Py_ssize_t j = (Py_ssize_t)(mix(0, s->pair_keys[k]) & (uint64_t)(cap - 1));
+    for (Py_ssize_t k = 0; k < pt->pair_cap; k++) {
+        if (!pt->pair_keys[k]) continue;
+        Py_ssize_t j = (Py_ssize_t)(mix(0, pt->pair_keys[k]) & (uint64_t)(cap - 1));
         while (keys[j]) j = (j + 1) & (cap - 1);
-        keys[j] = s->pair_keys[k];
-        vals[j] = s->pair_vals[k];
+        keys[j] = pt->pair_keys[k];
+        vals[j] = pt->pair_vals[k];
     }
-    PyMem_Free(s->pair_keys);
-    PyMem_Free(s->pair_vals);
-    s->pair_keys = keys;
-    s->pair_vals = vals;
-    s->pair_cap = cap;
+    PyMem_Free(pt->pair_keys);
+    PyMem_Free(pt->pair_vals);
+    pt->pair_keys = keys;
+    pt->pair_vals = vals;
+    pt->pair_cap = cap;
     return 0;
 }
 
 /* The partition refining `a` by `b` (classes: the non-empty intersections, in order; a
  * partition with one class refines to the other), memoized per pair. -1 on memory errors. */
 static int32_t refine_pair(TermStoreObject *s, int32_t a, int32_t b) {
-    if (a == b || s->parts[b].n == 1) return a;
-    if (s->parts[a].n == 1) return b;
+    Partitions *pt = s->pt;
+    if (a == b || pt->parts[b].n == 1) return a;
+    if (pt->parts[a].n == 1) return b;
     uint64_t key = (((uint64_t)(uint32_t)a << 32) | (uint32_t)b) + 1;
-    Py_ssize_t j = s->pair_cap ? (Py_ssize_t)(mix(0, key) & (uint64_t)(s->pair_cap - 1)) : 0;
-    for (uint64_t k; s->pair_cap && (k = s->pair_keys[j]); j = (j + 1) & (s->pair_cap - 1)) {
-        if (k == key) return s->pair_vals[j];
+    Py_ssize_t j = pt->pair_cap ? (Py_ssize_t)(mix(0, key) & (uint64_t)(pt->pair_cap - 1)) : 0;
+    for (uint64_t k; pt->pair_cap && (k = pt->pair_keys[j]); j = (j + 1) & (pt->pair_cap - 1)) {
+        if (k == key) return pt->pair_vals[j];
     }
-    if (reserve_items((void **)&s->scratch, &s->scratch_cap, 256, sizeof(Bits256)) < 0) return -1;
+    if (reserve_items((void **)&pt->scratch, &pt->scratch_cap, 256, sizeof(Bits256)) < 0) return -1;
     int32_t n = 0;
-    const Partition *pa = &s->parts[a], *pb = &s->parts[b];
+    const Partition *pa = &pt->parts[a], *pb = &pt->parts[b];
     for (int32_t i = 0; i < pa->n; i++) {
         for (int32_t k = 0; k < pb->n; k++) {
-            Bits256 x = bits_and(&s->class_masks[pa->masks + i], &s->class_masks[pb->masks + k]);
-            if (!bits_zero(&x)) s->scratch[n++] = x; /* a partition: at most 256 classes */
+            Bits256 x = bits_and(&pt->class_masks[pa->masks + i], &pt->class_masks[pb->masks + k]);
+            if (!bits_zero(&x)) pt->scratch[n++] = x; /* a partition: at most 256 classes */
         }
     }
-    int32_t out = intern_partition(s, s->scratch, n);
+    int32_t out = intern_partition(s, pt->scratch, n);
     if (out < 0) return -1;
-    if (2 * (s->pair_n + 1) > s->pair_cap && pair_grow(s) < 0) return -1;
-    j = (Py_ssize_t)(mix(0, key) & (uint64_t)(s->pair_cap - 1));
-    while (s->pair_keys[j]) j = (j + 1) & (s->pair_cap - 1);
-    s->pair_keys[j] = key;
-    s->pair_vals[j] = out;
-    s->pair_n++;
+    if (2 * (pt->pair_n + 1) > pt->pair_cap && pair_grow(s) < 0) return -1;
+    j = (Py_ssize_t)(mix(0, key) & (uint64_t)(pt->pair_cap - 1));
+    while (pt->pair_keys[j]) j = (j + 1) & (pt->pair_cap - 1);
+    pt->pair_keys[j] = key;
+    pt->pair_vals[j] = out;
+    pt->pair_n++;
     return out;
 }
 
@@ -720,7 +868,7 @@ static int32_t t_derive(TermStoreObject *s, int32_t t, int byte) {
         if (out >= 0 && s->terms[x.a].nullable) {
             int32_t e = t_derive(s, x.b, byte);
             int32_t pair[2] = {out, e};
-            out = e < 0 ? T_ERROR : t_alt(s, pair, 2);
+            out = e < 0 ? T_ERROR : t_alt(s, pair, 2, 0);
         }
         break;
     }
@@ -739,7 +887,7 @@ static int32_t t_derive(TermStoreObject *s, int32_t t, int byte) {
             }
             if (d == T_EMPTY && x.kind == K_AND) break; /* so is the intersection */
         }
-        if (out >= 0) out = x.kind == K_ALT ? t_alt(s, ds.v, ds.n) : t_and(s, ds.v, ds.n);
+        if (out >= 0) out = x.kind == K_ALT ? t_alt(s, ds.v, ds.n, 0) : t_and(s, ds.v, ds.n);
         idvec_free(&ds);
         break;
     }
@@ -974,6 +1122,7 @@ static int t_is_empty(TermStoreObject *s, int32_t t, Py_ssize_t budget) {
 #define SAFE_NONE 0x200
 #define SAFE_ALL 0xFF
 #define SAFE_INFINITE 0x100
+#define PAIR_MEMBERS 16 /* safe_alt looks for complementary pairs in unions this small */
 
 /* The larger of two t_safe results (SAFE_NONE below every length). */
 static int safe_max(int a, int b) {
@@ -1048,35 +1197,49 @@ static int finite_plain(TermStoreObject *s, int32_t t) {
 /* Whether t holds every string over L whose length is in [*lo, *hi] and t's derivative by
  * a shorter one holds one of those lengths' rest (so is non-empty): t is a byte set holding L
  * ([1, 1]), a repetition X{lo,hi} whose X takes each byte of L as a whole string (a string
- * over L of length j then lies in X^j), or an intersection of such repetitions with
- * max(lo) <= min(hi). *hi = NO_HI when unbounded. 1 yes, 0 no, -1 on error. */
+ * over L of length j then lies in X^j), a concatenation A B with B nullable and A of such a
+ * range (A B holds A), a union with a member of such a range (the widest), or an
+ * intersection of terms of such ranges with max(lo) <= min(hi). *hi = NO_HI when unbounded.
+ * 1 yes, 0 no, -1 on error. */
 static int complete_range(TermStoreObject *s, int32_t t, const Slice *L, int64_t *lo,
                           int64_t *hi) {
-    const Term *x = &s->terms[t];
-    if (x->kind == K_BYTES) { /* [1, 1] if it holds every character of L */
-        Bits256 in = bits_and(&s->masks[x->a], &L->bytes);
+    Term x = s->terms[t];
+    if (x.kind == K_BYTES) { /* [1, 1] if it holds every character of L */
+        Bits256 in = bits_and(&s->masks[x.a], &L->bytes);
         *lo = *hi = 1;
         return !L->utf8 && bits_eq(&in, &L->bytes);
     }
-    if (x->kind == K_REPEAT) {
-        int complete = completes_on(s, x->a, L);
-        *lo = x->lo;
-        *hi = x->hi;
+    if (x.kind == K_REPEAT) {
+        int complete = completes_on(s, x.a, L);
+        *lo = x.lo;
+        *hi = x.hi;
         return complete;
     }
-    if (x->kind != K_AND) return 0;
+    if (x.kind == K_CONCAT) {
+        return s->terms[x.b].nullable ? complete_range(s, x.a, L, lo, hi) : 0;
+    }
+    if (x.kind != K_AND && x.kind != K_ALT) return 0;
+    if (enter(s) < 0) return -1;
+    int found = x.kind == K_AND, status = 1;
     *lo = 0;
     *hi = NO_HI;
-    int32_t members = x->a, n = x->b;
-    for (int32_t k = 0; k < n; k++) {
+    for (int32_t k = 0; k < x.b && status > 0; k++) {
         int64_t ulo, uhi;
-        int32_t u = s->members[members + k];
-        if (s->terms[u].kind != K_REPEAT) return 0;
-        int complete = complete_range(s, u, L, &ulo, &uhi);
-        if (complete <= 0) return complete;
-        if (ulo > *lo) *lo = ulo;
-        if (uhi != NO_HI && (*hi == NO_HI || uhi < *hi)) *hi = uhi;
+        int complete = complete_range(s, s->members[x.a + k], L, &ulo, &uhi);
+        if (complete < 0) {
+            status = -1;
+        } else if (x.kind == K_AND) { /* every member, on the common lengths */
+            status = complete;
+            if (ulo > *lo) *lo = ulo;
+            if (uhi != NO_HI && (*hi == NO_HI || uhi < *hi)) *hi = uhi;
+        } else if (complete && (!found || (*hi != NO_HI && (uhi == NO_HI || uhi > *hi)))) {
+            found = 1; /* a union: its member of the longest range */
+            *lo = ulo;
+            *hi = uhi;
+        }
     }
+    leave(s);
+    if (status <= 0 || !found) return status < 0 ? -1 : 0;
     return *hi == NO_HI || *lo <= *hi;
 }
 
@@ -1085,6 +1248,58 @@ static int safe_length(int64_t n) { return (int)(n < SAFE_ALL ? n : SAFE_ALL - 1
 
 static int t_safe_slot(TermStoreObject *s, int32_t t, int slot, const Slice *L);
 
+static int proved_nonempty(TermStoreObject *s, int32_t t);
+
+/* The member of intersection a that intersection b lacks, if there is exactly one (else -1);
+ * both hold sorted member ids. */
+static int32_t sole_extra_member(const TermStoreObject *s, const Term *a, const Term *b) {
+    int32_t extra = -1, i = 0, j = 0;
+    while (i < a->b) {
+        int32_t u = s->members[a->a + i], v = j < b->b ? s->members[b->a + j] : INT32_MAX;
+        if (u == v) {
+            i++, j++;
+        } else if (u < v) {
+            if (extra >= 0) return -1;
+            extra = u, i++;
+        } else {
+            j++;
+        }
+    }
+    return extra;
+}
+
+/* A lower bound for the union of m1 = (X & P) T1 and m2 = (X & ~P) T2 (intersections equal
+ * but for one member and its complement, tails proved non-empty), as in the keys of an object
+ * with patternProperties, split by whether each pattern matches: a string w whose derivative
+ * of X is not empty continues into X & P or X & ~P, so t_safe(X) bounds the union (without
+ * SAFE_INFINITE). SAFE_NONE when the members are not of that form; -1 on error. */
+static int safe_complement_pair(TermStoreObject *s, int32_t m1, int32_t m2, int slot,
+                                const Slice *L) {
+    Term c1 = s->terms[m1], c2 = s->terms[m2];
+    if (c1.kind != K_CONCAT || c2.kind != K_CONCAT) return SAFE_NONE;
+    Term a1 = s->terms[c1.a], a2 = s->terms[c2.a];
+    if (a1.kind != K_AND || a2.kind != K_AND || a1.b != a2.b) return SAFE_NONE;
+    int32_t p = sole_extra_member(s, &a1, &a2), q = sole_extra_member(s, &a2, &a1);
+    if (p < 0 || q < 0 || !((s->terms[q].kind == K_NOT && s->terms[q].a == p) ||
+                            (s->terms[p].kind == K_NOT && s->terms[p].a == q))) {
+        return SAFE_NONE;
+    }
+    IdVec common;
+    idvec_init(&common);
+    int status = 0;
+    for (int32_t k = 0; k < a1.b && status == 0; k++) {
+        if (s->members[a1.a + k] != p) status = idvec_push(&common, s->members[a1.a + k]);
+    }
+    int32_t x = status < 0 ? T_ERROR : t_and(s, common.v, common.n);
+    idvec_free(&common);
+    if (x < 0) return -1;
+    int tails = proved_nonempty(s, c1.b);
+    if (tails > 0) tails = proved_nonempty(s, c2.b);
+    if (tails <= 0) return tails < 0 ? -1 : SAFE_NONE;
+    int r = t_safe_slot(s, x, slot, L);
+    return r < 0 || r == SAFE_NONE ? r : r & 0xFF;
+}
+
 static int safe_alt(TermStoreObject *s, const Term *x, int slot, const Slice *L) {
     /* D_w of a union contains D_w of each member. */
     int best = SAFE_NONE;
@@ -1092,6 +1307,14 @@ static int safe_alt(TermStoreObject *s, const Term *x, int slot, const Slice *L)
         int r = t_safe_slot(s, s->members[x->a + k], slot, L);
         if (r < 0) return -1;
         best = safe_max(best, r);
+    }
+    /* Pairs of members that together cover what neither does alone (few members: pairs). */
+    for (int32_t i = 0; i < x->b && x->b <= PAIR_MEMBERS && (best & 0xFF) != SAFE_ALL; i++) {
+        for (int32_t j = i + 1; j < x->b; j++) {
+            int r = safe_complement_pair(s, s->members[x->a + i], s->members[x->a + j], slot, L);
+            if (r < 0) return -1;
+            best = safe_max(best, r);
+        }
     }
     return best;
 }
@@ -1197,7 +1420,8 @@ static int safe_repeat(TermStoreObject *s, const Term *x, int slot, const Slice 
 }
 
 static int t_safe_slot(TermStoreObject *s, int32_t t, int slot, const Slice *L) {
-    uint16_t cached = s->terms[t].safe[slot];
+    const Term *known = &s->terms[t];
+    uint16_t cached = known->safe_epoch == s->safe_epoch ? known->safe[slot] : SAFE_UNKNOWN;
     if (cached != SAFE_UNKNOWN) return cached;
     if (enter(s) < 0) return -1;
     Term x = s->terms[t];
@@ -1237,7 +1461,12 @@ static int t_safe_slot(TermStoreObject *s, int32_t t, int slot, const Slice *L) 
         r = nonempty < 0 ? -1 : nonempty ? 0 : SAFE_NONE;
     }
     if (r < 0) return -1;
-    s->terms[t].safe[slot] = (uint16_t)r;
+    Term *y = &s->terms[t];
+    if (y->safe_epoch != s->safe_epoch) { /* results of a forgotten epoch */
+        for (int j = 0; j < SAFE_SLOTS; j++) y->safe[j] = SAFE_UNKNOWN;
+        y->safe_epoch = s->safe_epoch;
+    }
+    y->safe[slot] = (uint16_t)r;
     return r;
 }
 
@@ -1249,15 +1478,85 @@ static int same_slice(const Slice *a, const Slice *b) {
 static int t_safe(TermStoreObject *s, int32_t t, const Slice *L) {
     int slot = 0;
     while (slot < s->n_safe_sets && !same_slice(&s->safe_sets[slot], L)) slot++;
-    if (slot == SAFE_SLOTS) { /* forget every cached result and start over */
-        for (Py_ssize_t k = 0; k < s->n_terms; k++) {
-            for (int j = 0; j < SAFE_SLOTS; j++) s->terms[k].safe[j] = SAFE_UNKNOWN;
+    if (slot == SAFE_SLOTS) { /* forget every cached result (a new epoch) and start over */
+        if (++s->safe_epoch == 0) { /* the epochs wrapped: clear the results for real */
+            for (Py_ssize_t k = 0; k < s->n_terms; k++) {
+                for (int j = 0; j < SAFE_SLOTS; j++) s->terms[k].safe[j] = SAFE_UNKNOWN;
+                s->terms[k].safe_epoch = 0;
+            }
         }
         s->n_safe_sets = 0;
         slot = 0;
     }
     if (slot == s->n_safe_sets) s->safe_sets[s->n_safe_sets++] = *L;
     return t_safe_slot(s, t, slot, L);
+}
+
+/* ------------------------------------------------------------------ runs over a byte set */
+
+#define RUN_UNBOUNDED INT64_MAX /* t_run: no bound known */
+#define RUN_BUDGET_DEFAULT 256  /* terms t_run visits for TermStore.run */
+
+static int64_t run_add(int64_t a, int64_t b) {
+    return a == RUN_UNBOUNDED || b == RUN_UNBOUNDED || a > RUN_UNBOUNDED - b ? RUN_UNBOUNDED
+                                                                               : a + b;
+}
+
+/* The recursion of t_run; *budget counts down the terms it may still visit. */
+static int64_t run_bound(TermStoreObject *s, int32_t t, const Bits256 *L, int *budget) {
+    if (--*budget < 0) return RUN_UNBOUNDED;
+    if (enter(s) < 0) return -1;
+    Term x = s->terms[t];
+    int64_t r = 0;
+    switch (x.kind) {
+    case K_BYTES: {
+        Bits256 in = bits_and(&s->masks[x.a], L);
+        r = !bits_zero(&in);
+        break;
+    }
+    case K_CONCAT: { /* a prefix over L: one of A, or a string of A over L then one of B */
+        r = run_bound(s, x.a, L, budget);
+        if (r > 0 || (r == 0 && s->terms[x.a].nullable)) {
+            int64_t tail = run_bound(s, x.b, L, budget);
+            r = tail < 0 ? -1 : run_add(r, tail);
+        }
+        break;
+    }
+    case K_ALT:
+    case K_AND:
+        r = x.kind == K_AND ? RUN_UNBOUNDED : 0;
+        for (int32_t k = 0; k < x.b && r >= 0; k++) {
+            int64_t u = run_bound(s, s->members[x.a + k], L, budget);
+            if (u < 0) r = -1;
+            else r = x.kind == K_ALT ? (u > r ? u : r) : (u < r ? u : r);
+        }
+        break;
+    case K_NOT:
+        r = RUN_UNBOUNDED;
+        break;
+    case K_REPEAT: { /* at most hi strings of X, each over L but maybe the last */
+        r = run_bound(s, x.a, L, budget);
+        if (r > 0 && r != RUN_UNBOUNDED) {
+            r = x.hi == NO_HI || x.hi > RUN_UNBOUNDED / r ? RUN_UNBOUNDED : r * x.hi;
+        }
+        break;
+    }
+    default: /* EMPTY, EPS */
+        break;
+    }
+    leave(s);
+    return r;
+}
+
+/* An upper bound on the length of the strings over the bytes of L that lead from t to a
+ * non-empty derivative (the prefixes of t's strings whose bytes all lie in L): every longer
+ * string over L leads to EMPTY. RUN_UNBOUNDED when none is proved within `budget` terms
+ * visited; -1 on error. By structure: a byte set bounds its runs by 1, a concatenation by
+ * its head's bound plus, if the head may hold a string over L (it is nullable or has a
+ * positive bound), its tail's; a union by the largest member bound, an intersection by the
+ * smallest, X{lo,hi} by hi times X's, a complement not at all. */
+static int64_t t_run(TermStoreObject *s, int32_t t, const Bits256 *L, int budget) {
+    return run_bound(s, t, L, &budget);
 }
 
 /* ------------------------------------------------------------------ Python type */
@@ -1317,7 +1616,7 @@ static PyObject *store_new(PyTypeObject *type, PyObject *Py_UNUSED(args),
     TermStoreObject *s = (TermStoreObject *)type->tp_alloc(type, 0);
     if (s == NULL) return NULL;
     s->max_depth = 10000;
-    if (store_init_terms(s) < 0) {
+    if ((s->pt = shared_partitions()) == NULL || store_init_terms(s) < 0) {
         Py_DECREF(s);
         return NULL;
     }
@@ -1337,14 +1636,9 @@ static void store_dealloc(PyObject *self) {
     PyMem_Free(s->terms);
     PyMem_Free(s->masks);
     PyMem_Free(s->members);
-    PyMem_Free(s->parts);
-    PyMem_Free(s->class_masks);
-    PyMem_Free(s->part_intern);
-    PyMem_Free(s->pair_keys);
-    PyMem_Free(s->pair_vals);
     PyMem_Free(s->derivs);
     PyMem_Free(s->intern);
-    PyMem_Free(s->scratch);
+    partitions_release(s->pt);
     Py_TYPE(self)->tp_free(self);
 }
 
@@ -1377,7 +1671,7 @@ static PyObject *store_nary(PyObject *self, PyObject *const *args, Py_ssize_t n,
         int32_t t;
         if (term_arg(s, args[k], &t) < 0 || idvec_push(&items, t) < 0) goto done;
     }
-    out = is_and ? t_and(s, items.v, items.n) : t_alt(s, items.v, items.n);
+    out = is_and ? t_and(s, items.v, items.n) : t_alt(s, items.v, items.n, 1);
 done:
     idvec_free(&items);
     return id_result(out);
@@ -1546,6 +1840,21 @@ static PyObject *store_safe(PyObject *self, PyObject *const *args, Py_ssize_t n)
     return PyLong_FromLong(r);
 }
 
+static PyObject *store_run(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    TermStoreObject *s = (TermStoreObject *)self;
+    int32_t t;
+    Bits256 L;
+    if (n != 2) {
+        PyErr_SetString(PyExc_TypeError, "run(t, mask)");
+        return NULL;
+    }
+    if (term_arg(s, args[0], &t) < 0 || bits_from_int(args[1], &L) < 0) return NULL;
+    int64_t r = t_run(s, t, &L, RUN_BUDGET_DEFAULT);
+    if (r < 0) return NULL;
+    if (r == RUN_UNBOUNDED) Py_RETURN_NONE;
+    return PyLong_FromLongLong(r);
+}
+
 static PyObject *store_get_anything(PyObject *self, void *Py_UNUSED(closure)) {
     return PyLong_FromLong(((TermStoreObject *)self)->anything);
 }
@@ -1574,6 +1883,9 @@ static PyMethodDef store_methods[] = {
      "safe(t, mask, utf8) -> n, None or -1: every string of the slice (the bytes of mask, and "
      "with utf8 every multi-byte UTF-8 character) of at most n characters (None: any number) "
      "provably leads from t to a non-empty derivative; -1: not proved"},
+    {"run", (PyCFunction)(void (*)(void))store_run, METH_FASTCALL,
+     "run(t, mask) -> n or None: every string of the bytes of mask longer than n leads from t "
+     "to the empty derivative (None: no bound proved)"},
     {"kind", store_kind, METH_O, "kind(t) -> int (the K_* constants of fsm.terms)"},
     {"args", store_args, METH_O, "args(t) -> tuple: the fields of t (see fsm.terms)"},
     {NULL, NULL, 0, NULL},

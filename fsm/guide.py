@@ -7,6 +7,10 @@ state accepts. Masks are computed on first visit by one native call (`TokenTrie.
 a trie walk that skips what a slice proof covers) and cached per state, so a revisited state
 costs a dictionary lookup and the caller copies the cached words.
 
+Mask buffers are rows of blocks allocated `MASK_BLOCK` at a time (the first block with the
+guide): one allocation per block instead of one per state, and none right after compilation,
+when the allocator is slowest (it first sorts the many blocks that compiling freed).
+
 Thread safety: one lock guards the lazy parts, so a guide may be shared between threads.
 """
 
@@ -19,6 +23,11 @@ import numpy as np
 from fsm.dfa import DEAD, LazyDFA
 from fsm.vocabulary import Vocabulary
 
+MASK_BLOCK = 64
+"""Masks allocated at once when a guide's block of mask buffers runs out."""
+FIRST_MASK_BLOCK = 16
+"""Masks allocated with the guide."""
+
 
 class TokenGuide:
     """Token-level view of a byte DFA (see the module docstring)."""
@@ -30,6 +39,8 @@ class TokenGuide:
         self._masks: dict[int, np.ndarray] = {}
         self._eos = np.array(sorted(vocab.eos_token_ids), dtype=np.int64)
         self._lock = threading.Lock()
+        self._block = self._new_block(FIRST_MASK_BLOCK)
+        self._block_used = 0
 
     def allowed_mask(self, state: int) -> np.ndarray:
         """Packed allowed-token bits for `state`: `uint32[ceil(vocab.size / 32)]`, read-only."""
@@ -43,10 +54,17 @@ class TokenGuide:
 
     def _compute_mask(self, state: int) -> np.ndarray:
         """The read-only mask of `state` (see `allowed_mask`); the caller holds the lock."""
-        mask = self.vocab.trie.new_mask()
+        if self._block_used == len(self._block):
+            self._block, self._block_used = self._new_block(MASK_BLOCK), 0
+        mask = self._block[self._block_used]
         self.vocab.trie.state_mask(self.dfa.rows, state, mask, self._eos)
+        self._block_used += 1
         mask.setflags(write=False)
         return mask
+
+    def _new_block(self, rows: int) -> np.ndarray:
+        """Uninitialized buffers for ``rows`` masks (`state_mask` writes every word)."""
+        return np.empty((rows, (self.vocab.size + 31) // 32), dtype=np.uint32)
 
     def allowed_token_ids(self, state: int) -> np.ndarray:
         """The allowed token ids of `state`, ascending."""

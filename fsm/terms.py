@@ -12,7 +12,11 @@ declared ones" compile exactly instead of being approximated.
 
 Contracts:
 - Terms are immutable; ids are stable for the store's life. One store is not thread-safe:
-  use it from one thread at a time.
+  use it from one thread at a time (stores share their table of derivative classes, which
+  only the native code holding the GIL touches).
+- Concatenations are kept associated to the right and `alt` left-factors members with a
+  common head, so equal languages built in different orders may get one id more often; ids
+  are an implementation detail beyond that.
 - `row(t)` returns one (byte mask, successor) pair per derivative class.
 - A term without intersection or complement denotes the empty language iff it is `EMPTY`
   (the constructors propagate emptiness); `is_empty` decides the general case by search.
@@ -78,6 +82,12 @@ class TermStore(_native.TermStore):
       derivative: an int, None for every length, -1 when nothing is proved (which does not
       mean false). Proved by structure (repetitions of a class holding the slice, unions,
       concatenations, an infinite language minus finitely many strings), cached per term;
+    - ``run(t, mask)``: a proved bound n such that every string of the bytes of ``mask`` longer
+      than n leads from ``t`` to the empty derivative (the strings over the set that stay live
+      are at most n long), or None when none is proved within a budget of terms visited; by
+      structure (a byte set bounds runs by 1, a concatenation by its head's bound plus its
+      tail's, unions by their largest member bound, intersections by the smallest, X{lo,hi} by
+      hi times X's);
     - ``kind(t)``, ``args(t)``: the constructor (``K_*``) and fields of a term;
     - ``anything``: every byte string; ``len(store)``: the number of terms.
 

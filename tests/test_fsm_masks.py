@@ -1,6 +1,7 @@
-"""The guides' token masks (`TokenTrie.state_mask`: slice skips, slice proofs, lazy DFA rows)
-against the plain trie walk, the slice proofs (`TermStore.safe`) against derivatives, and the
-UTF-8 slices of `TokenTrie.loop_info` against their definition."""
+"""The guides' token masks (`TokenTrie.state_mask`: slice skips, slice proofs, exact length
+bounds, lazy DFA rows) against the plain trie walk, the slice proofs (`TermStore.safe`) and
+run bounds (`TermStore.run`) against derivatives, the term normal forms that let derivatives
+reuse terms, and the UTF-8 slices of `TokenTrie.loop_info` against their definition."""
 
 from __future__ import annotations
 
@@ -156,6 +157,89 @@ def test_safe_is_sound(node, ascii_bytes: set[int], utf8: bool) -> None:
         assert t != EMPTY and not store.is_empty(t), (node.src, data, proved)
 
 
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    node=regex_nodes(),
+    ascii_bytes=st.sets(st.sampled_from(sorted({ord(c) for c in POOL if c.isascii()})), min_size=1),
+)
+def test_run_is_sound(node, ascii_bytes: set[int]) -> None:
+    """What `TermStore.run` bounds holds: every string over the byte set one byte longer than
+    the bound (up to 4 bytes here; longer ones extend those) derives to the empty language."""
+    store = TermStore()
+    term = regex_term(store, node.src)
+    bound = store.run(term, sum(1 << b for b in ascii_bytes))
+    if bound is None or bound >= 4:
+        return
+    for data in itertools.product(sorted(ascii_bytes), repeat=bound + 1):
+        t = term
+        for b in data:
+            t = store.derive(t, b)
+        assert t == EMPTY or store.is_empty(t), (node.src, bytes(data), bound)
+
+
+def test_run_bounds_strings_of_json(vocab: Vocabulary) -> None:
+    """The bound the exact masks rely on: a string with maxLength (the characters left, as
+    `safe` proves), none for a free string, none past the closing quote."""
+    schema = {
+        "type": "object",
+        "properties": {"m": {"type": "string", "maxLength": 5}, "s": {"type": "string"}},
+        "required": ["m", "s"],
+    }
+    guide = compile_json_schema(schema, vocab)
+    letters = sum(1 << b for b in range(ord("a"), ord("z") + 1))
+
+    def run_after(prefix: bytes) -> int | None:
+        state = guide.walk(guide.initial_state, prefix)
+        return guide.dfa.store.run(guide.dfa.term_of(state), letters)
+
+    assert run_after(b'{"m":"') == 5
+    assert run_after(b'{"m":"xy') == 3
+    assert run_after(b'{"m":"xy","s":"') is None
+
+
+@pytest.mark.parametrize(
+    "string",
+    [
+        {"type": "string", "maxLength": 7},
+        {"type": "string", "minLength": 2, "maxLength": 12},
+        {"type": "string", "pattern": "^[0-9a-f]{8}-[0-9a-f]{4}$"},
+        {"type": "string", "format": "uuid"},
+        {"type": "string", "pattern": "^[a-z]{2,5}$"},
+    ],
+)
+def test_masks_match_plain_walk_in_bounded_strings(tok, vocab: Vocabulary, string: dict) -> None:
+    """Every state inside strings whose runs of a slice are bounded (length-bounded proofs,
+    exact where `run` meets the proved length), reached byte by byte, on the real vocabulary."""
+    guide = compile_json_schema({"type": "array", "items": string}, vocab)
+    texts = ['["0123abcd-0123"]', '["abcdefghijkl"]', '["12345678-1234-1234-1234-123456789abc"]']
+    states = []
+    for text in texts:
+        state = guide.initial_state
+        for b in text.encode():
+            if state == DEAD:
+                break
+            states.append(state)
+            state = guide.walk(state, bytes([b]))
+    assert check_states(guide, list(dict.fromkeys(states))) >= 5
+
+
+def test_literal_derivatives_reuse_terms() -> None:
+    """Keys followed by a shared rest: concatenations associate to the right and unions
+    left-factor common heads, so walking a key prefix builds no term."""
+    store = TermStore()
+    rest = store.seq(store.literal(b":"), store.star(store.byte_range(0x30, 0x39)))
+    keys = [b'"alpha"', b'"alps"', b'"beta"']
+    term = store.alt(*(store.seq(store.literal(k), rest) for k in keys))
+    size = len(store)
+    t = term
+    for b in b'"alp':
+        t = store.derive(t, b)
+    assert len(store) == size
+    assert t == store.alt(
+        store.seq(store.literal(b'ha"'), rest), store.seq(store.literal(b's"'), rest)
+    )
+
+
 def test_safe_proves_json_strings_and_keys(vocab: Vocabulary) -> None:
     """The shapes the masks rely on: a free string, a string with maxLength (bounded by the
     characters left), an undeclared key (any key but the declared ones)."""
@@ -175,6 +259,26 @@ def test_safe_proves_json_strings_and_keys(vocab: Vocabulary) -> None:
     assert safe_after(b'{"s":"ab","m":"x') == 4
     assert safe_after(b'{"s":"ab","m":"xyzzy') == 0
     assert safe_after(b'{"s":"ab","m":"x","') is None  # an undeclared key may follow
+
+
+def test_safe_proves_keys_split_by_a_pattern(tok, vocab: Vocabulary) -> None:
+    """Undeclared keys split by whether they match a pattern (complementary intersections, one
+    value schema each) still take any string, and the masks there equal the plain walk's."""
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}},
+        "patternProperties": {"^x-": {"type": "integer"}},
+    }
+    guide = compile_json_schema(schema, vocab)
+    content = sum(1 << b for b in range(0x20, 0x80) if b not in b'"\\')
+    store, start = guide.dfa.store, guide.walk(guide.initial_state, b'{"')
+    assert store.safe(guide.dfa.term_of(start), content, True) is None
+    states: list[int] = []
+    for text in ['{"name":"a","x-y":1,"zz":[true]}', '{"x-":2,"nam":null}']:
+        ids = tok.encode(text, add_special_tokens=False)
+        states += visited_states(guide, ids)
+        states += [guide.walk(guide.initial_state, text.encode()[:n]) for n in range(len(text))]
+    assert check_states(guide, [s for s in dict.fromkeys(states) if s != DEAD]) > 20
 
 
 # --------------------------------------------------------------------------- UTF-8 slices
