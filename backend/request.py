@@ -54,8 +54,10 @@ class Req:
     KV bookkeeping: ``row`` is the request's row in the ReqToTokenTable while it holds KV;
     its first ``num_kv`` entries are computed token slots, of which the first
     ``num_tree_owned`` belong to the radix cache (locked through ``last_node``) and the rest
-    are owned by this request alone. During a prefill pass, the next ``pending_slots``
-    entries are the slots of the chunk being computed (0 outside a pass).
+    are owned by this request alone. During a prefill pass, the next ``borrowed_slots``
+    entries are slots that another request of the same pass (earlier in its batch) computes
+    for the tokens they share, and the ``pending_slots`` after them are the slots of this
+    request's chunk (both 0 outside a pass).
     """
 
     rid: str
@@ -72,6 +74,7 @@ class Req:
     row: int | None = None
     num_kv: int = 0
     num_tree_owned: int = 0
+    borrowed_slots: int = 0
     pending_slots: int = 0
     last_node: TreeNode | None = None
     cached_tokens: int = 0

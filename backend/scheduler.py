@@ -59,6 +59,23 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     return int(diff[0]) if diff.size else n
 
 
+_RUN_CHUNK = 64
+
+
+def shared_run(a: Sequence[int], b: Sequence[int], start: int, end: int) -> int:
+    """How many positions of ``[start, end)`` ``a`` and ``b`` agree on before they first
+    differ: slice comparisons chunk by chunk (C speed), then token by token."""
+    i = start
+    while i < end:
+        j = min(i + _RUN_CHUNK, end)
+        if a[i:j] != b[i:j]:
+            break
+        i = j
+    while i < end and a[i] == b[i]:
+        i += 1
+    return i - start
+
+
 class Scheduler:
     """Owns the queues and every request's KV. Runs on the engine thread only."""
 
@@ -245,7 +262,7 @@ class Scheduler:
         budget = self.config.chunked_prefill_size
         available = self.pool.num_free + self.cache.evictable_size - self._reserved_tokens()
         batch: list[tuple[Req, int]] = []  # (request, number of new tokens this pass)
-        new_fills: list[list[int]] = []  # fills of requests newly admitted this pass
+        admitted: list[Req] = []  # requests newly admitted this pass, in order
         candidates = ([self.chunked] if self.chunked else []) + self.extending
         candidates += self._ordered_waiting()
         for req in candidates:
@@ -254,15 +271,14 @@ class Scheduler:
             if req in self.extending:
                 self.extending.remove(req)
             if req.row is None:
-                admitted = self._admit(req, budget, available, new_fills, nothing_else=not batch)
-                if admitted is None:
+                chunk = self._admit(req, budget, available, admitted, nothing_else=not batch)
+                if chunk is None:
                     if req.status is ReqStatus.FINISHED:
                         continue
                     break
-                if admitted < 0:  # deferred: shares an uncached prefix with a batch member
+                if chunk < 0:  # deferred: shares an uncached prefix with a batch member
                     continue
-                chunk = admitted
-                new_fills.append(req.fill_ids)
+                admitted.append(req)
             else:
                 chunk = min(len(req.fill_ids) - req.num_kv, budget)
                 slots = self._alloc(chunk)
@@ -270,6 +286,8 @@ class Scheduler:
                     break
                 self.table.table[req.row, req.num_kv : req.num_kv + chunk] = slots
             batch.append((req, chunk))
+            req.pending_slots = chunk
+            self.prefilling.append(req)
             budget -= chunk
             available -= chunk
         if not batch:
@@ -278,27 +296,31 @@ class Scheduler:
         return True
 
     def _admit(
-        self, req: Req, budget: int, available: int, new_fills: list[list[int]], nothing_else: bool
+        self, req: Req, budget: int, available: int, admitted: list[Req], nothing_else: bool
     ) -> int | None:
-        """Give ``req`` a table row, its cached prefix and slots for its first chunk.
+        """Give ``req`` a table row, its cached prefix, the slots it borrows from a request
+        admitted earlier in this pass (``_lender``) and slots for its first chunk.
 
         Returns the chunk length, -1 when the request should wait for a batch member to
-        compute a prefix they share, or None when it cannot be admitted now.
+        compute a prefix they share beyond what it can borrow, or None when it cannot be
+        admitted now.
         """
         if (
-            len(self.running) + (self.chunked is not None) + len(new_fills)
+            len(self.running) + (self.chunked is not None) + len(admitted)
             >= self.config.max_running_requests
         ):
             return None
         fill = req.fill_ids
-        match = self.cache.match_prefix(fill[: self._prefix_limit(req)])
+        limit = self._prefix_limit(req)
+        match = self.cache.match_prefix(fill[:limit])
         prefix_len = len(match.slots)
-        need = prefix_len + self.config.dedupe_min_shared_tokens
-        if not self.cache.disable and new_fills and len(fill) >= need:
+        lender, borrowed = self._lender(fill, prefix_len, limit)
+        need = prefix_len + borrowed + self.config.dedupe_min_shared_tokens
+        if not self.cache.disable and admitted and len(fill) >= need:
             head = fill[:need]  # sharing this much uncached prefix with a batch member: wait
-            if any(other[:need] == head for other in new_fills):
+            if any(other.fill_ids[:need] == head for other in admitted):
                 return -1
-        remaining = len(fill) - prefix_len
+        remaining = len(fill) - prefix_len - borrowed
         if remaining == 0:  # a fully cached prefill-only request: nothing to compute
             self.waiting.remove(req)
             self._count_cached(req, prefix_len)
@@ -323,19 +345,53 @@ class Scheduler:
             self.cache.dec_lock_ref(match.last_node)
             return None
         self.waiting.remove(req)
-        self.table.table[row, :prefix_len] = match.slots
-        self.table.table[row, prefix_len : prefix_len + chunk] = slots
+        table = self.table.table
+        table[row, :prefix_len] = match.slots
+        computed = prefix_len + borrowed
+        if lender is not None:
+            assert lender.row is not None
+            table[row, prefix_len:computed] = table[lender.row, prefix_len:computed]
+        table[row, computed : computed + chunk] = slots
         req.row, req.num_kv, req.num_tree_owned, req.last_node = (
             row,
             prefix_len,
             prefix_len,
             match.last_node,
         )
+        req.borrowed_slots = borrowed
         req.status = ReqStatus.PREFILLING
-        self._count_cached(req, prefix_len)
+        self._count_cached(req, computed)
         if req.sampling is None:
             self.outputs.start(req)
         return chunk
+
+    def _lender(self, fill: list[int], start: int, limit: int) -> tuple[Req | None, int]:
+        """The request already in this pass's batch whose KV after the pass covers the
+        longest run of ``fill`` from ``start`` (the cached prefix), and that run's length.
+
+        Borrowing works because every attention backend writes the K/V of all of a pass's
+        new tokens before any request of the pass attends (``AttentionBackend``): the
+        borrower attends to the lender's new positions as to a cached prefix. Only lenders
+        that compute their own range are considered, and the borrower keeps at least one
+        token (and every position ``_prefix_limit`` leaves out of the cache) to compute.
+        """
+        best, best_len = None, 0
+        if self.cache.disable:
+            return best, best_len
+        cap = min(limit, len(fill) - 1)
+        for other in self.prefilling:
+            if other.borrowed_slots:
+                continue
+            theirs = other.fill_ids
+            end = min(cap, other.num_kv + other.pending_slots)
+            if end - start <= best_len or theirs[start : start + 1] != fill[start : start + 1]:
+                continue
+            if theirs[:start] != fill[:start]:  # KV at a position depends on all before it
+                continue
+            shared = shared_run(fill, theirs, start, end)
+            if shared > best_len:
+                best, best_len = other, shared
+        return best, best_len
 
     def _count_cached(self, req: Req, prefix_len: int) -> None:
         if not req.admitted_once:
@@ -346,13 +402,12 @@ class Scheduler:
     def _run_prefill(self, batch: list[tuple[Req, int]]) -> None:
         self.forward_steps["prefill"] += 1
         self.chunked = None
-        self.prefilling = [req for req, _ in batch]
         rows, prefix_lens, new_tokens = [], [], []
         for req, chunk in batch:
-            req.pending_slots = chunk
+            start = req.num_kv + req.borrowed_slots
             rows.append(req.row)
-            prefix_lens.append(req.num_kv)
-            new_tokens.append(req.fill_ids[req.num_kv : req.num_kv + chunk])
+            prefix_lens.append(start)
+            new_tokens.append(req.fill_ids[start : start + chunk])
         hidden = self.runner.extend(rows, prefix_lens, new_tokens)
 
         # Pick the hidden rows whose logits are needed: input-logprob positions, then the
@@ -363,7 +418,7 @@ class Scheduler:
         sample_rows: list[int] = []
         offset = 0
         for req, chunk in batch:
-            start = req.num_kv
+            start = req.num_kv + req.borrowed_slots
             if req.wants_input_logprobs:
                 # logits at position p score token p + 1; token 0 has no logprob
                 first_tok = max(req.logprob_start_len, start + 1)
@@ -389,8 +444,11 @@ class Scheduler:
             self.outputs.add_input_logprobs(req, first_tok, logits[row_offset : row_offset + count])
 
         for req, chunk in batch:
-            req.num_kv += chunk
-            req.pending_slots = 0
+            # A lender precedes its borrowers in the batch: the slots they borrowed are in the
+            # cache by now (or were freed as duplicates, and `_cache_unfinished` remaps them).
+            req.num_tree_owned += req.borrowed_slots
+            req.num_kv += req.borrowed_slots + chunk
+            req.borrowed_slots = req.pending_slots = 0
             if req.wants_input_logprobs and req.num_kv >= len(req.input_ids):
                 req.input_logprobs_done = True
             self._cache_unfinished(req)
@@ -611,9 +669,10 @@ class Scheduler:
         if req.row is None:
             return
         if req.pending_slots:  # a prefill pass failed: its chunk was never computed
-            pending = self.table.table[req.row, req.num_kv : req.num_kv + req.pending_slots]
+            start = req.num_kv + req.borrowed_slots  # the borrowed slots are the lender's
+            pending = self.table.table[req.row, start : start + req.pending_slots]
             self.pool.free(pending.clone())
-            req.pending_slots = 0
+            req.pending_slots = req.borrowed_slots = 0
         if self.cache.disable:
             self.pool.free(self.table.table[req.row, : req.num_kv].clone())
         else:

@@ -9,6 +9,7 @@ import torch
 from tiny_models import TINY_ARCHS
 
 from backend.engine import Engine
+from backend.scheduler import common_prefix_len
 
 PREFIX = (
     "You are a careful assistant. Answer every question in one short sentence. "
@@ -166,6 +167,67 @@ def test_in_batch_dedupe_computes_shared_prefix_once(idle_engine: Engine) -> Non
     assert after["cached_tokens"] - before["cached_tokens"] == sum(cached)
     hits = sum(cached) / (after["prompt_tokens"] - before["prompt_tokens"])
     assert hits > 0.7
+
+
+SCENE = "Scene: A man kneels next to a flat bicycle tyre. He"  # shorter than the dedupe limit
+ENDINGS = [
+    " removes the wheel and patches the inner tube.",
+    " starts drawing the ducks on the pond.",
+    " checks the oil level with the dipstick.",
+    " rolls it evenly across the bedroom wall.",
+]
+
+
+def _scene_requests(engine: Engine) -> tuple[list[list[int]], list[int]]:
+    """Token ids of SCENE + each ending and where each ending's tokens start."""
+    encode = engine.tokenizer.encode
+    scene = encode(SCENE)
+    ids = [encode(SCENE + e) for e in ENDINGS]
+    starts = [common_prefix_len(scene, x) for x in ids]
+    return ids, starts
+
+
+def test_requests_sharing_an_uncached_prefix_compute_it_once_in_one_pass(
+    idle_engine: Engine,
+) -> None:
+    """A select's choices share the scene: one request computes it, the others attend to its
+    KV in the same pass (no second pass, as waiting for the cache would need); the
+    logprobs and greedy outputs are those of each request alone."""
+    ids, starts = _scene_requests(idle_engine)
+    scoring = {"max_new_tokens": 0}
+    greedy = {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}
+    alone_scores, alone_outputs = [], []
+    for x, st in zip(ids, starts):
+        idle_engine.flush_cache()
+        res = idle_engine.generate(
+            input_ids=x, sampling_params=scoring, return_logprob=True, logprob_start_len=st
+        )
+        alone_scores.append([lp for lp, _, _ in res["meta_info"]["input_token_logprobs"]])
+        idle_engine.flush_cache()
+        alone_outputs.append(idle_engine.generate(input_ids=x, sampling_params=greedy))
+    for params, extra in (
+        (scoring, {"return_logprob": True, "logprob_start_len": starts}),
+        (greedy, {}),
+    ):
+        idle_engine.flush_cache()
+        before = idle_engine.get_stats()
+        out = idle_engine.generate(input_ids=ids, sampling_params=params, **extra)
+        after = idle_engine.get_stats()
+        assert after["forward_steps"]["prefill"] - before["forward_steps"]["prefill"] == 1
+        computed = (after["prompt_tokens"] - before["prompt_tokens"]) - (
+            after["cached_tokens"] - before["cached_tokens"]
+        )
+        # the scene once, then per request what follows the shared part; a scoring request
+        # also computes the scene's last token (its logits score the ending's first token)
+        shared = min(starts)
+        own = [len(x) - shared + (1 if extra else 0) for x in ids]
+        assert computed == shared + sum(own) - (1 if extra else 0)
+        if extra:
+            got = [[lp for lp, _, _ in r["meta_info"]["input_token_logprobs"]] for r in out]
+            for g, a in zip(got, alone_scores):
+                assert g == pytest.approx(a, abs=1e-3)
+        else:
+            assert [r["output_ids"] for r in out] == [r["output_ids"] for r in alone_outputs]
 
 
 def test_request_added_mid_generation_joins_running_batch(idle_engine: Engine) -> None:

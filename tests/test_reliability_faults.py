@@ -51,7 +51,7 @@ def still_serving(url: str) -> Iterator[None]:
     assert_kv_idle(url)
 
 
-def generate(url: str, text: str, **params: object) -> requests.Response:
+def generate(url: str, text: str | list[str], **params: object) -> requests.Response:
     body = {"text": text, "sampling_params": {"temperature": 0, **params}}
     return requests.post(url + "/generate", json=body, timeout=300)
 
@@ -124,8 +124,9 @@ def test_a_failing_forward_pass_fails_only_its_step(
 ) -> None:
     """An exception inside a forward pass (prefill or decode) fails that step's requests with
     an internal error naming it, frees all their KV (also a prefill chunk that was never
-    computed) and drops the cached prefixes, which may hold half-written KV; the engine
-    keeps serving (checked after every test) and a cached prompt is recomputed."""
+    computed, and never twice the slots that requests of one pass share) and drops the
+    cached prefixes, which may hold half-written KV; the engine keeps serving (checked
+    after every test) and a cached prompt is recomputed."""
     runner = engine.scheduler.runner
     original = getattr(runner, stage)
     calls = 0
@@ -140,9 +141,12 @@ def test_a_failing_forward_pass_fails_only_its_step(
     prompt = "Tell me a short story about a lighthouse keeper and his cat."
     generate(url, prompt, max_new_tokens=2)  # now cached
     monkeypatch.setattr(runner, stage, fail_once)
-    r = generate(url, prompt, max_new_tokens=4, ignore_eos=True)
+    # after the cached prompt, " Chapter" is uncached and shared: computed once in the pass
+    batch = [prompt + f" Chapter {n}." for n in ("one", "two", "three")]
+    r = generate(url, batch, max_new_tokens=4, ignore_eos=True)
     assert r.status_code == 500 and "injected fault" in r.json()["error"]["message"], r.text
     assert engine.get_stats()["kv_slots"]["evictable"] == 0
+    engine.check_kv_invariant()  # also: no slot freed twice
     again = generate(url, prompt, max_new_tokens=4).json()
     assert again["meta_info"]["cached_tokens"] == 0
 

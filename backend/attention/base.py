@@ -18,7 +18,10 @@ class AttentionBackend(Protocol):
     ``init_forward_metadata`` runs once per forward pass and stores whatever the
     implementation precomputes (index tensors, masks) in ``batch.attn_metadata``.
     ``forward`` runs once per layer: it writes ``k``/``v`` of the new tokens to the pool at
-    ``batch.out_cache_loc`` and returns the attention output for the new tokens.
+    ``batch.out_cache_loc`` and returns the attention output for the new tokens. It writes
+    the K/V of all of the pass's new tokens before any request attends, so a request's
+    prefix may include slots that another request of the same EXTEND pass writes (the
+    scheduler lets requests borrow a shared prefix within a pass).
     Shapes: ``q`` is ``[T, num_heads, head_dim]``, ``k``/``v`` are
     ``[T, num_kv_heads, head_dim]``, the result is ``[T, num_heads, head_dim]``.
     """
