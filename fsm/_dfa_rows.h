@@ -3,29 +3,36 @@
  * (fsm.dfa.LazyDFA is the Python side).
  *
  * States are dense ids 0, 1, ... standing for distinct non-empty terms; STATE_DEAD (-1) is
- * every empty term. Row q of the table holds the 256 successors of state q; it is filled one
- * derivative class at a time, when an entry of the class is first read (rows_next): the
+ * every empty term. The row of state q (a StateRow) maps a byte to the derivative class of q's
+ * term that holds it (the partition's byte -> class map, shared, not copied) and holds one
+ * successor per class, filled when an entry of the class is first read (rows_next): the
  * derivative of q's term by the class, mapped to its state (new states are numbered in order
  * of discovery). Entries not computed yet hold ROW_UNKNOWN. So a token walk that skips most
- * bytes of a state (see _trie_masks.h) never derives by them. The table is kept in chunks of
- * ROWS_PER_CHUNK rows allocated as states appear, so it never moves or is copied.
+ * bytes of a state (see _trie_masks.h) never derives by them, and a new state costs a few
+ * words (one per class), not 256. The successors are kept in blocks of SUCC_BLOCK entries
+ * allocated as states appear, so they never move or are copied.
  *
  * Included once by _native.c, after _terms.h.
  */
 
 #define STATE_DEAD (-1)
 #define ROW_UNKNOWN (-3) /* a table entry not computed yet */
-#define CHUNK_BITS 8
-#define ROWS_PER_CHUNK (1 << CHUNK_BITS)
+#define SUCC_BLOCK 16384 /* successor entries per block (a row has at most 256) */
+
+/* The row of a state: its successor on byte b is succ[index[b]]. */
+typedef struct {
+    const uint8_t *index; /* the byte -> class map of the state's term (see Partitions) */
+    int32_t *succ;        /* one entry per class; NULL until the row is set up (rows_init) */
+} StateRow;
 
 typedef struct {
     PyObject_HEAD
     TermStoreObject *store;
-    int32_t *terms; /* state -> term */
-    uint8_t *ready; /* state -> whether its row is set up (entries computed or ROW_UNKNOWN) */
-    Py_ssize_t n_states, cap_states, cap_ready;
-    int32_t **chunks; /* chunks[q >> CHUNK_BITS]: the rows of the states of that chunk */
-    Py_ssize_t n_chunks, cap_chunks;
+    int32_t *terms;  /* state -> term */
+    StateRow *rows;  /* state -> its row */
+    Py_ssize_t n_states, cap_states, cap_rows;
+    int32_t **blocks; /* the blocks the rows' successors are taken from, the last one in use */
+    Py_ssize_t n_blocks, cap_blocks, block_used;
     int32_t *map_keys, *map_vals; /* term -> state, open addressing, key -1 = free */
     Py_ssize_t map_cap;
     Bits256 loop_key;    /* the byte set `loop_flags` is about */
@@ -36,11 +43,6 @@ typedef struct {
 #define LOOPS_UNKNOWN 0
 #define LOOPS_YES 1
 #define LOOPS_NO 2
-
-/* Row q (allocated: q < n_states; set up once ready[q]). */
-static inline int32_t *rows_row(const DfaRowsObject *d, Py_ssize_t q) {
-    return d->chunks[q >> CHUNK_BITS] + (q & (ROWS_PER_CHUNK - 1)) * 256;
-}
 
 static void map_insert(int32_t *keys, int32_t *vals, Py_ssize_t cap, int32_t key, int32_t val) {
     Py_ssize_t j = (Py_ssize_t)(mix(0, (uint64_t)key) & (uint64_t)(cap - 1));
@@ -69,29 +71,37 @@ static int map_grow(DfaRowsObject *d) {
     return 0;
 }
 
-/* Room for one more state: its term, flag and row. 0, or -1 with MemoryError. */
+/* Room for one more state: its term and (not set up) row. 0, or -1 with MemoryError. */
 static int rows_reserve(DfaRowsObject *d) {
     Py_ssize_t n = d->n_states + 1;
-    Py_ssize_t old_ready = d->cap_ready;
+    Py_ssize_t old_rows = d->cap_rows;
     if (reserve_items((void **)&d->terms, &d->cap_states, n, sizeof(int32_t)) < 0 ||
-        reserve_items((void **)&d->ready, &d->cap_ready, n, 1) < 0) {
+        reserve_items((void **)&d->rows, &d->cap_rows, n, sizeof(StateRow)) < 0) {
         return -1;
     }
-    memset(d->ready + old_ready, 0, (size_t)(d->cap_ready - old_ready));
+    memset(d->rows + old_rows, 0, (size_t)(d->cap_rows - old_rows) * sizeof(StateRow));
     if (2 * n > d->map_cap && map_grow(d) < 0) return -1;
-    if (d->n_states >> CHUNK_BITS == d->n_chunks) {
-        if (reserve_items((void **)&d->chunks, &d->cap_chunks, d->n_chunks + 1,
-                          sizeof(int32_t *)) < 0) {
-            return -1;
-        }
-        int32_t *chunk = PyMem_Malloc((size_t)ROWS_PER_CHUNK * 256 * sizeof(int32_t));
-        if (chunk == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        d->chunks[d->n_chunks++] = chunk;
-    }
     return 0;
+}
+
+/* n successor entries that never move (n <= 256), or NULL with MemoryError. */
+static int32_t *rows_take(DfaRowsObject *d, int32_t n) {
+    if (d->n_blocks == 0 || d->block_used + n > SUCC_BLOCK) {
+        if (reserve_items((void **)&d->blocks, &d->cap_blocks, d->n_blocks + 1,
+                          sizeof(int32_t *)) < 0) {
+            return NULL;
+        }
+        int32_t *block = PyMem_Malloc(SUCC_BLOCK * sizeof(int32_t));
+        if (block == NULL) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        d->blocks[d->n_blocks++] = block;
+        d->block_used = 0;
+    }
+    int32_t *out = d->blocks[d->n_blocks - 1] + d->block_used;
+    d->block_used += n;
+    return out;
 }
 
 /* The state of `term`, numbered now if new; STATE_DEAD for an empty term; -2 on error. */
@@ -114,16 +124,18 @@ static int32_t rows_state_of(DfaRowsObject *d, int32_t term) {
 /* Set up row q if needed (its term's classes computed, entries ROW_UNKNOWN): 0, or -1 with
  * an exception set. */
 static int rows_init(DfaRowsObject *d, Py_ssize_t q) {
-    if (d->ready[q]) return 0;
+    if (d->rows[q].succ != NULL) return 0;
     if (ensure_classes(d->store, d->terms[q]) < 0) return -1;
-    int32_t *row = rows_row(d, q);
-    for (int b = 0; b < 256; b++) row[b] = ROW_UNKNOWN;
-    d->ready[q] = 1;
+    const Partition *p = partition_of(d->store, d->terms[q]);
+    int32_t *succ = rows_take(d, p->n);
+    if (succ == NULL) return -1;
+    for (int32_t k = 0; k < p->n; k++) succ[k] = ROW_UNKNOWN;
+    d->rows[q] = (StateRow){p->index, succ};
     return 0;
 }
 
-/* Compute the entries of row q (set up) for the derivative class of `byte`: the state they
- * lead to, or -2 on error. */
+/* Compute the entry of row q (set up) for the derivative class of `byte`: the state it leads
+ * to, or -2 on error. */
 static int32_t rows_fill_class(DfaRowsObject *d, Py_ssize_t q, int byte) {
     TermStoreObject *s = d->store;
     int32_t term = d->terms[q];
@@ -138,38 +150,26 @@ static int32_t rows_fill_class(DfaRowsObject *d, Py_ssize_t q, int byte) {
         target = succ < 0 ? -2 : rows_state_of(d, succ);
         if (target == -2) return -2;
     }
-    int32_t *row = rows_row(d, q); /* class_mask may not be held across the calls above */
-    const Bits256 *m = class_mask(s, term, k);
-    for (int w = 0; w < 4; w++) {
-        for (uint64_t bits = m->w[w]; bits; bits &= bits - 1) {
-            row[w * 64 + __builtin_ctzll(bits)] = target;
-        }
-    }
+    d->rows[q].succ[k] = target; /* `rows` may have moved meanwhile, the entries not */
     return target;
 }
 
 /* The state reached from q by `byte` (STATE_DEAD if none), computed if needed; -2 on error. */
 static inline int32_t rows_next(DfaRowsObject *d, Py_ssize_t q, int byte) {
-    if (!d->ready[q] && rows_init(d, q) < 0) return -2;
-    int32_t next = rows_row(d, q)[byte];
+    const StateRow *row = &d->rows[q];
+    if (row->succ == NULL && rows_init(d, q) < 0) return -2;
+    int32_t next = row->succ[row->index[byte]];
     return next != ROW_UNKNOWN ? next : rows_fill_class(d, q, byte);
 }
 
 /* Compute the entries of row q for the bytes of L: 0, or -1 with an exception set. */
 static int rows_fill(DfaRowsObject *d, Py_ssize_t q, const Bits256 *L) {
-    if (!d->ready[q] && rows_init(d, q) < 0) return -1;
     for (int w = 0; w < 4; w++) {
         for (uint64_t bits = L->w[w]; bits; bits &= bits - 1) {
-            int b = w * 64 + __builtin_ctzll(bits);
-            if (rows_row(d, q)[b] == ROW_UNKNOWN && rows_fill_class(d, q, b) == -2) return -1;
+            if (rows_next(d, q, w * 64 + __builtin_ctzll(bits)) == -2) return -1;
         }
     }
     return 0;
-}
-
-/* Row q with every entry computed (NULL with an exception set on error). */
-static const int32_t *rows_get(DfaRowsObject *d, Py_ssize_t q) {
-    return rows_fill(d, q, &ALL_BITS) < 0 ? NULL : rows_row(d, q);
 }
 
 /* Whether state s loops on every byte of L (its entries for L are s): 1 yes, 0 no, -1 on
@@ -225,10 +225,10 @@ static PyObject *rows_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) 
 static void rows_dealloc(PyObject *self) {
     DfaRowsObject *d = (DfaRowsObject *)self;
     Py_XDECREF(d->store);
-    for (Py_ssize_t k = 0; k < d->n_chunks; k++) PyMem_Free(d->chunks[k]);
-    PyMem_Free(d->chunks);
+    for (Py_ssize_t k = 0; k < d->n_blocks; k++) PyMem_Free(d->blocks[k]);
+    PyMem_Free(d->blocks);
     PyMem_Free(d->terms);
-    PyMem_Free(d->ready);
+    PyMem_Free(d->rows);
     PyMem_Free(d->map_keys);
     PyMem_Free(d->map_vals);
     PyMem_Free(d->loop_flags);
@@ -263,8 +263,10 @@ static PyObject *rows_term_of(PyObject *self, PyObject *arg) {
 static PyObject *rows_row_py(PyObject *self, PyObject *arg) {
     DfaRowsObject *d = (DfaRowsObject *)self;
     Py_ssize_t q = state_arg(d, arg);
-    const int32_t *row = q < 0 ? NULL : rows_get(d, q);
-    return row == NULL ? NULL : PyBytes_FromStringAndSize((const char *)row, 256 * 4);
+    if (q < 0 || rows_fill(d, q, &ALL_BITS) < 0) return NULL;
+    int32_t row[256];
+    for (int b = 0; b < 256; b++) row[b] = d->rows[q].succ[d->rows[q].index[b]];
+    return PyBytes_FromStringAndSize((const char *)row, sizeof(row));
 }
 
 static PyObject *rows_walk_py(PyObject *self, PyObject *args) {

@@ -146,14 +146,19 @@ typedef struct {
     uint8_t index[256];  /* byte -> class */
 } Partition;
 
+#define PART_CHUNK_BITS 8
+#define PARTS_PER_CHUNK (1 << PART_CHUNK_BITS)
+
 /* The interned partitions and the refine_pair memo. They depend on byte sets only, so stores
  * share them: most partitions of a schema (strings, numbers, punctuation) are met again in the
  * next one. New stores take the current table (`shared_partitions`) until it holds
- * PARTITIONS_CAP_BYTES, then a fresh one; a table lives as long as a store refers to it. */
+ * PARTITIONS_CAP_BYTES, then a fresh one; a table lives as long as a store refers to it.
+ * Partitions are kept in chunks of PARTS_PER_CHUNK that never move, so a pointer to one stays
+ * valid as long as the table (DfaRows keeps the byte -> class maps of its states). */
 typedef struct {
     Py_ssize_t refs; /* the stores using it, plus one while it is the current table */
-    Partition *parts;
-    Py_ssize_t n_parts, cap_parts;
+    Partition **part_chunks; /* partition id -> part_chunks[id >> PART_CHUNK_BITS][id & ...] */
+    Py_ssize_t n_parts, n_part_chunks, cap_part_chunks;
     Bits256 *class_masks;
     Py_ssize_t n_class_masks, cap_class_masks;
     int32_t *part_intern; /* open addressing over partition ids, -1 = free slot */
@@ -171,7 +176,8 @@ static Partitions *current_partitions; /* the table new stores share (NULL: none
 
 static void partitions_release(Partitions *p) {
     if (p == NULL || --p->refs > 0) return;
-    PyMem_Free(p->parts);
+    for (Py_ssize_t k = 0; k < p->n_part_chunks; k++) PyMem_Free(p->part_chunks[k]);
+    PyMem_Free(p->part_chunks);
     PyMem_Free(p->class_masks);
     PyMem_Free(p->part_intern);
     PyMem_Free(p->pair_keys);
@@ -620,8 +626,12 @@ static inline void leave(TermStoreObject *s) { s->depth--; }
 
 /* ------------------------------------------------------------------ derivative classes */
 
+static inline Partition *part_at(const Partitions *pt, Py_ssize_t id) {
+    return &pt->part_chunks[id >> PART_CHUNK_BITS][id & (PARTS_PER_CHUNK - 1)];
+}
+
 static const Partition *partition_of(const TermStoreObject *s, int32_t t) {
-    return &s->pt->parts[s->terms[t].part];
+    return part_at(s->pt, s->terms[t].part);
 }
 
 static const Bits256 *class_mask(const TermStoreObject *s, int32_t t, int32_t k) {
@@ -637,13 +647,28 @@ static int part_rehash(TermStoreObject *s, Py_ssize_t cap) {
     }
     memset(table, 0xFF, (size_t)cap * sizeof(int32_t));
     for (Py_ssize_t id = 0; id < pt->n_parts; id++) {
-        Py_ssize_t k = (Py_ssize_t)(pt->parts[id].hash & (uint64_t)(cap - 1));
+        Py_ssize_t k = (Py_ssize_t)(part_at(pt, id)->hash & (uint64_t)(cap - 1));
         while (table[k] >= 0) k = (k + 1) & (cap - 1);
         table[k] = (int32_t)id;
     }
     PyMem_Free(pt->part_intern);
     pt->part_intern = table;
     pt->part_intern_cap = cap;
+    return 0;
+}
+
+/* One more chunk of partitions: 0, or -1 with MemoryError. */
+static int part_chunk_add(Partitions *pt) {
+    if (reserve_items((void **)&pt->part_chunks, &pt->cap_part_chunks, pt->n_part_chunks + 1,
+                      sizeof(Partition *)) < 0) {
+        return -1;
+    }
+    Partition *chunk = PyMem_Malloc(PARTS_PER_CHUNK * sizeof(Partition));
+    if (chunk == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    pt->part_chunks[pt->n_part_chunks++] = chunk;
     return 0;
 }
 
@@ -657,19 +682,18 @@ static int32_t intern_partition(TermStoreObject *s, const Bits256 *cls, int32_t 
     if (!pt->part_intern_cap && part_rehash(s, 256) < 0) return -1;
     Py_ssize_t j = (Py_ssize_t)(h & (uint64_t)(pt->part_intern_cap - 1));
     for (int32_t id; (id = pt->part_intern[j]) >= 0; j = (j + 1) & (pt->part_intern_cap - 1)) {
-        const Partition *p = &pt->parts[id];
+        const Partition *p = part_at(pt, id);
         if (p->hash == h && p->n == n &&
             !memcmp(&pt->class_masks[p->masks], cls, (size_t)n * sizeof(Bits256))) {
             return id;
         }
     }
-    if (reserve_items((void **)&pt->parts, &pt->cap_parts, pt->n_parts + 1,
-                      sizeof(Partition)) < 0 ||
-        reserve_items((void **)&pt->class_masks, &pt->cap_class_masks, pt->n_class_masks + n,
-                      sizeof(Bits256)) < 0) {
+    if (reserve_items((void **)&pt->class_masks, &pt->cap_class_masks, pt->n_class_masks + n,
+                      sizeof(Bits256)) < 0 ||
+        (pt->n_parts >> PART_CHUNK_BITS == pt->n_part_chunks && part_chunk_add(pt) < 0)) {
         return -1;
     }
-    Partition *p = &pt->parts[pt->n_parts];
+    Partition *p = part_at(pt, pt->n_parts);
     p->n = n;
     p->masks = (int32_t)pt->n_class_masks;
     p->hash = h;
@@ -692,7 +716,7 @@ static int32_t intern_partition(TermStoreObject *s, const Bits256 *cls, int32_t 
 
 /* Give t the partition `part` and one empty derivative slot per class. */
 static int put_classes(TermStoreObject *s, int32_t t, int32_t part) {
-    int32_t n = s->pt->parts[part].n;
+    int32_t n = part_at(s->pt, part)->n;
     if (reserve_items((void **)&s->derivs, &s->cap_derivs, s->n_derivs + n, sizeof(int32_t)) < 0) {
         return -1;
     }
@@ -733,8 +757,8 @@ static int pair_grow(TermStoreObject *s) {
  * partition with one class refines to the other), memoized per pair. -1 on memory errors. */
 static int32_t refine_pair(TermStoreObject *s, int32_t a, int32_t b) {
     Partitions *pt = s->pt;
-    if (a == b || pt->parts[b].n == 1) return a;
-    if (pt->parts[a].n == 1) return b;
+    if (a == b || part_at(pt, b)->n == 1) return a;
+    if (part_at(pt, a)->n == 1) return b;
     uint64_t key = (((uint64_t)(uint32_t)a << 32) | (uint32_t)b) + 1;
     Py_ssize_t j = pt->pair_cap ? (Py_ssize_t)(mix(0, key) & (uint64_t)(pt->pair_cap - 1)) : 0;
     for (uint64_t k; pt->pair_cap && (k = pt->pair_keys[j]); j = (j + 1) & (pt->pair_cap - 1)) {
@@ -742,7 +766,7 @@ static int32_t refine_pair(TermStoreObject *s, int32_t a, int32_t b) {
     }
     if (reserve_items((void **)&pt->scratch, &pt->scratch_cap, 256, sizeof(Bits256)) < 0) return -1;
     int32_t n = 0;
-    const Partition *pa = &pt->parts[a], *pb = &pt->parts[b];
+    const Partition *pa = part_at(pt, a), *pb = part_at(pt, b);
     for (int32_t i = 0; i < pa->n; i++) {
         for (int32_t k = 0; k < pb->n; k++) {
             Bits256 x = bits_and(&pt->class_masks[pa->masks + i], &pt->class_masks[pb->masks + k]);

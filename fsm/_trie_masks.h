@@ -64,6 +64,7 @@ typedef struct {
     int64_t root_sizes[256];
     TrieNode *nodes;        /* the trie arrays, packed (see TrieNode) */
     int32_t root_node[256]; /* the root's child on each byte, or -1 */
+    Bits256 root_bytes;     /* the bytes b with root_node[b] >= 0 */
     /* The children of node i, by byte: child_byte[k] and child_node[k] for k in
      * child_start[i] .. child_start[i + 1] - 1. A walk reads the children of a node from
      * these short runs instead of from the nodes, which lie a subtree apart. */
@@ -250,10 +251,10 @@ static int live_class(TrieMasksObject *T, DfaRowsObject *d, int32_t q, Bits256 *
  * q and at least `min_nodes` are live, computing q's entries for L: 1, 0, or -1 on error. */
 static int few_dead(TrieMasksObject *T, DfaRowsObject *d, int32_t q, const Bits256 *L) {
     if (rows_fill(d, q, L) < 0) return -1;
-    const int32_t *row = rows_row(d, q);
+    const StateRow *row = &d->rows[q];
     int64_t live = 0, dead = 0;
     for (int b = 0; b < 0x80; b++) {
-        if (bits_get(L, b)) *(row[b] >= 0 ? &live : &dead) += T->root_sizes[b];
+        if (bits_get(L, b)) *(row->succ[row->index[b]] >= 0 ? &live : &dead) += T->root_sizes[b];
     }
     return live >= T->min_nodes && dead * DEAD_SHARE <= live;
 }
@@ -388,13 +389,56 @@ static int walk_below(TrieMasksObject *T, DfaRowsObject *d, const LoopView *lv, 
     return ROW_OK;
 }
 
+/* Into *out, the bytes that may start a string of state q's term (first_of): every other
+ * byte leads from q to STATE_DEAD. 0, or -1 with an exception set. */
+static int state_first(DfaRowsObject *d, int32_t q, Bits256 *out) {
+    const TermStoreObject *s = d->store;
+    int32_t f = first_of(d->store, d->terms[q]);
+    if (f < 0) return -1;
+    *out = f == T_EMPTY ? (Bits256){{0, 0, 0, 0}} : s->masks[s->terms[f].a];
+    return 0;
+}
+
+/* The children of root child i (reached by state `next`) in the walk of walk_loop, then their
+ * subtrees. Only the children on a first byte of `next` are read, unless the plan verifies
+ * (a dead child may hold L-tokens to clear). ROW_OK, or ROW_ERROR. */
+static int walk_children(TrieMasksObject *T, DfaRowsObject *d, const Trie *trie,
+                         const LoopView *lv, int32_t i, int32_t next, int32_t *states,
+                         TokenBuffer *found) {
+    Bits256 first = ALL_BITS;
+    if ((lv == NULL || !lv->verify) && state_first(d, next, &first) < 0) return ROW_ERROR;
+    for (int32_t k = T->child_start[i]; k < T->child_start[i + 1]; k++) {
+        if (!bits_get(&first, T->child_byte[k])) continue;
+        int32_t c = T->child_node[k];
+        int covered = lv != NULL && lv->child_covered[k];
+        if (covered && proved_skip(lv, &T->nodes[c])) continue;
+        int32_t to = rows_next(d, next, T->child_byte[k]);
+        int go = to == -2 ? -1 : visit(T, d, lv, trie->mask, c, to, covered);
+        if (go == 0) continue;
+        if (go < 0 || buffer_token(trie, found, T->nodes[c].token) < 0 ||
+            walk_below(T, d, lv, trie, c + 1, T->nodes[c].skip, 2, to, states, found) < 0) {
+            return ROW_ERROR;
+        }
+    }
+    return ROW_OK;
+}
+
 /* The walk of the header: like walk_trie (its comments apply) from state `start` of `d`,
  * with the L-tokens preset in trie->mask when lv is not NULL. The root's children come from
  * T's table and theirs from the child lists (see TrieMasksObject), so that a dead or covered
  * node of the first two levels, where they lie a subtree apart, costs no read of the nodes;
- * below, the walk reads the nodes in preorder. ROW_OK, or ROW_ERROR. */
+ * below, the walk reads the nodes in preorder. A child of the root or of a root child on a
+ * byte that cannot start a string of its parent state is dead without reading the table:
+ * only the others are visited (all of them when the plan verifies: a dead one may hold
+ * L-tokens to clear).
+ * ROW_OK, or ROW_ERROR. */
 static int walk_loop(TrieMasksObject *T, DfaRowsObject *d, const Trie *trie, const LoopView *lv,
                      Py_ssize_t start) {
+    Bits256 todo = ALL_BITS;
+    if ((lv == NULL || !lv->verify) && state_first(d, (int32_t)start, &todo) < 0) {
+        return ROW_ERROR;
+    }
+    todo = bits_and(&todo, &T->root_bytes);
     int32_t *states = PyMem_Malloc((size_t)(T->max_depth + 1) * sizeof(int32_t));
     if (states == NULL) {
         PyErr_NoMemory();
@@ -402,29 +446,19 @@ static int walk_loop(TrieMasksObject *T, DfaRowsObject *d, const Trie *trie, con
     }
     TokenBuffer found = {.count = 0};
     int status = ROW_OK;
-    for (int b = 0; b < 256 && status == ROW_OK; b++) {
-        int32_t i = T->root_node[b];
-        if (i < 0) continue;
-        int covered = lv != NULL && bits_get(&lv->root_covered, b);
-        if (covered && proved_skip(lv, &T->nodes[i])) continue;
-        int32_t next = rows_next(d, start, b);
-        int go = next == -2 ? -1 : visit(T, d, lv, trie->mask, i, next, covered);
-        if (go == 0) continue;
-        if (go < 0 || buffer_token(trie, &found, T->nodes[i].token) < 0) {
-            status = ROW_ERROR;
-            break;
-        }
-        for (int32_t k = T->child_start[i]; k < T->child_start[i + 1]; k++) {
-            int32_t c = T->child_node[k];
-            covered = lv != NULL && lv->child_covered[k];
-            if (covered && proved_skip(lv, &T->nodes[c])) continue;
-                int32_t to = rows_next(d, next, T->child_byte[k]);
-            go = to == -2 ? -1 : visit(T, d, lv, trie->mask, c, to, covered);
+    for (int w = 0; w < 4 && status == ROW_OK; w++) {
+        for (uint64_t bits = todo.w[w]; bits && status == ROW_OK; bits &= bits - 1) {
+            int b = w * 64 + __builtin_ctzll(bits);
+            int32_t i = T->root_node[b];
+            int covered = lv != NULL && bits_get(&lv->root_covered, b);
+            if (covered && proved_skip(lv, &T->nodes[i])) continue;
+            int32_t next = rows_next(d, start, b);
+            int go = next == -2 ? -1 : visit(T, d, lv, trie->mask, i, next, covered);
             if (go == 0) continue;
-            if (go < 0 || buffer_token(trie, &found, T->nodes[c].token) < 0 ||
-                walk_below(T, d, lv, trie, c + 1, T->nodes[c].skip, 2, to, states, &found) < 0) {
+            if (go < 0 || buffer_token(trie, &found, T->nodes[i].token) < 0) {
                 status = ROW_ERROR;
-                break;
+            } else {
+                status = walk_children(T, d, trie, lv, i, next, states, &found);
             }
         }
     }
@@ -563,6 +597,7 @@ static int trie_depths(TrieMasksObject *T) {
         }
         last_root = t->byte[i];
         T->root_node[last_root] = (int32_t)i;
+        T->root_bytes.w[last_root >> 6] |= 1ULL << (last_root & 63);
         T->root_sizes[last_root] = t->skip[i] - i;
     }
     for (Py_ssize_t i = n - 1; i >= 0; i--) {

@@ -223,6 +223,17 @@ def test_masks_match_plain_walk_in_bounded_strings(tok, vocab: Vocabulary, strin
     assert check_states(guide, list(dict.fromkeys(states))) >= 5
 
 
+def test_masks_match_plain_walk_where_the_walk_verifies(vocab: Vocabulary) -> None:
+    """A state whose successor loops on [a-z] without a proof (the walk presets the [a-z]
+    tokens and verifies them), where `z` leads to a state that kills the rest of [a-z]: the
+    tokens `za...` must be cleared, so the walk reads those children although they are not
+    first bytes of their parent state. The other states checked use the first-byte skips."""
+    guide = compile_regex(r"[a-y][a-z]*1|zq1|[0-9]{2}", vocab)
+    start = guide.initial_state
+    states = [start, guide.walk(start, b"z"), guide.walk(start, b"a"), guide.walk(start, b"0")]
+    assert check_states(guide, states) == 4
+
+
 def test_literal_derivatives_reuse_terms() -> None:
     """Keys followed by a shared rest: concatenations associate to the right and unions
     left-factor common heads, so walking a key prefix builds no term."""
