@@ -100,6 +100,27 @@ def test_greedy_matches_transformers_with_graphs_and_eager(
     check_idle(graph_engine)
 
 
+def test_requests_borrowing_a_prefix_in_one_pass_decode_as_alone(graph_engine: Engine) -> None:
+    """Requests sharing an uncached prefix run in one prefill pass, one computing it and the
+    other attending to its fresh KV through the Triton extend kernel: the same greedy tokens
+    as each prompt alone."""
+    tok = graph_engine.tokenizer
+    prefix = tok.encode(PROMPTS[1])
+    prompts = [prefix + tok.encode(s, add_special_tokens=False) for s in (" a cat", " a dog")]
+    graph_engine.flush_cache()
+    before = graph_engine.get_stats()
+    out = graph_engine.generate(input_ids=prompts, sampling_params=GREEDY)
+    after = graph_engine.get_stats()
+    assert after["forward_steps"]["prefill"] - before["forward_steps"]["prefill"] == 1
+    assert after["cached_tokens"] - before["cached_tokens"] >= len(prefix)  # borrowed
+    alone = []
+    for p in prompts:
+        graph_engine.flush_cache()
+        alone.append(graph_engine.generate(input_ids=p, sampling_params=GREEDY)["output_ids"])
+    assert [r["output_ids"] for r in out] == alone
+    check_idle(graph_engine)
+
+
 def test_graphs_off_gives_the_same_tokens(tiny_dir: Path, reference: list[list[int]]) -> None:
     with Engine(
         str(tiny_dir),
