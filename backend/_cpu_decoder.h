@@ -1,6 +1,6 @@
 /*
- * One decode step of a quantized Llama-family model in one call (part of backend._cpu_ops,
- * included by _cpu_ops.c after _cpu_quant.h).
+ * One decode step of a quantized or float32 Llama-family model in one call (part of
+ * backend._cpu_ops, included by _cpu_ops.c after _cpu_float.h and _cpu_quant.h).
  *
  * Why: with the layer ops native and the matrices packed, what remains of a small model's
  * decode step in Python is ~10 calls per layer (wrappers, allocations, dispatch), about a
@@ -9,10 +9,13 @@
  * float32 values, without returning to Python between them.
  *
  * A Decoder describes a model (backend/native_decoder.py builds it and keeps the tensors it
- * points into alive): float32 embeddings, norms and RoPE tables; per layer the packed qkv, o,
- * gate_up and down matrices (optional float32 biases) and the layer's KV pool buffers. Per
- * step: one new token per request; the residual stream and every activation are float32.
+ * points into alive): float32 embeddings, norms and RoPE tables; per layer the qkv, o,
+ * gate_up and down matrices, packed (q4 / q8) or float32 (kind QF32, scales unused), with
+ * optional float32 biases, and the layer's KV pool buffers. Per step: one new token per
+ * request; the residual stream and every activation are float32.
  */
+
+#define QF32 32 /* a plain float32 [n, k] matrix (backend/_cpu_float.h) */
 
 typedef struct {
     QMatrix qkv, o, gate_up, down;
@@ -51,8 +54,8 @@ static int parse_qmatrix(PyObject *t, QMatrix *m, Py_ssize_t n, Py_ssize_t k, co
     if (!parse_args(tuple_items(t), 6, name, "ippnnp", &m->kind, (void **)&m->weights,
                     (void **)&m->scales, &m->n, &m->k, (void **)&m->bias))
         return 0;
-    if ((m->kind != Q4 && m->kind != Q8) || m->n != n || m->k != k ||
-        m->k % (m->kind == Q4 ? 2 * QBLOCK : QBLOCK)) {
+    if ((m->kind != Q4 && m->kind != Q8 && m->kind != QF32) || m->n != n || m->k != k ||
+        (m->kind != QF32 && m->k % (m->kind == Q4 ? 2 * QBLOCK : QBLOCK))) {
         PyErr_Format(PyExc_ValueError, "%s: a q%d matrix of %zd x %zd where %zd x %zd is needed",
                      name, m->kind, m->n, m->k, n, k);
         return 0;
@@ -171,6 +174,16 @@ static int step_buffers_alloc(StepBuffers *b, const Decoder *d, Py_ssize_t batch
     return 1;
 }
 
+/* out rows (out_stride apart) = m x rows (float32, m->k apart) for `batch` rows. */
+static void decoder_matrix(const QMatrix *m, const float *x, Py_ssize_t batch, float *out,
+                           Py_ssize_t out_stride, Activations *quant)
+{
+    if (m->kind == QF32)
+        fmatrix_rows(m->weights, m->n, m->k, m->bias, x, batch, out, DT_F32, out_stride);
+    else
+        qmatrix_apply(m, x, DT_F32, m->k, batch, out, DT_F32, out_stride, quant);
+}
+
 /* The step itself (GIL released): see decode_step's docstring. */
 static void decoder_run(const Decoder *d, const int64_t *ids, const int64_t *positions,
                         const int64_t *out_cache_loc, const int64_t *slots,
@@ -188,7 +201,7 @@ static void decoder_run(const Decoder *d, const int64_t *ids, const int64_t *pos
         const DecoderLayer *layer = &d->layers[l];
         const float *next_norm = l + 1 < d->num_layers ? d->layers[l + 1].input_norm
                                                        : d->final_norm;
-        qmatrix_apply(&layer->qkv, b->x, DT_F32, h, batch, b->qkv, DT_F32, qkv_width, &b->quant);
+        decoder_matrix(&layer->qkv, b->x, batch, b->qkv, qkv_width, &b->quant);
         rope_rows(b->qkv, DT_F32, qkv_width, dim, batch, heads + kv_heads, dim, positions,
                   d->cos_table, d->sin_table, d->table_stride, b->rotated, DT_F32,
                   b->op_scratch);
@@ -196,20 +209,17 @@ static void decoder_run(const Decoder *d, const int64_t *ids, const int64_t *pos
                        b->qkv + qk_width, DT_F32, qk_width, qkv_width, layer->k_buf,
                        layer->v_buf, d->kv_dt, out_cache_loc, slots, slots_stride, lens, batch,
                        heads, kv_heads, dim, scale, b->attn, DT_F32, max_len, b->attn_scratch);
-        qmatrix_apply(&layer->o, b->attn, DT_F32, heads * dim, batch, b->delta, DT_F32, h,
-                      &b->quant);
+        decoder_matrix(&layer->o, b->attn, batch, b->delta, h, &b->quant);
         norm_rows(b->hidden, DT_F32, h, b->delta, DT_F32, h, layer->post_norm, DT_F32, b->x,
                   DT_F32, h, batch, h, d->eps, b->op_scratch);
-        qmatrix_apply(&layer->gate_up, b->x, DT_F32, h, batch, b->gate_up, DT_F32,
-                      2 * d->inter, &b->quant);
+        decoder_matrix(&layer->gate_up, b->x, batch, b->gate_up, 2 * d->inter, &b->quant);
         silu_rows(b->gate_up, DT_F32, 2 * d->inter, b->act, DT_F32, d->inter, batch, d->inter,
                   b->op_scratch);
-        qmatrix_apply(&layer->down, b->act, DT_F32, d->inter, batch, b->delta, DT_F32, h,
-                      &b->quant);
+        decoder_matrix(&layer->down, b->act, batch, b->delta, h, &b->quant);
         norm_rows(b->hidden, DT_F32, h, b->delta, DT_F32, h, next_norm, DT_F32, b->x, DT_F32, h,
                   batch, h, d->eps, b->op_scratch);
     }
-    qmatrix_apply(&d->lm_head, b->x, DT_F32, h, batch, logits, DT_F32, d->vocab, &b->quant);
+    decoder_matrix(&d->lm_head, b->x, batch, logits, d->vocab, &b->quant);
 }
 
 PyDoc_STRVAR(decode_step_doc,

@@ -2,6 +2,7 @@
  * backend._cpu_ops: the CPU engine's native kernels, one translation unit:
  *   - this file: the decoder layer's element-wise ops (add + RMSNorm, RoPE, SiLU-and-mul)
  *     and decode attention over the token-granular KV pool;
+ *   - _cpu_float.h: float32 matrix products for decode steps;
  *   - _cpu_quant.h: int4 / int8 weight-only matrix products (and their dequantization);
  *   - _cpu_decoder.h: a whole decode step of a quantized model in one call.
  *
@@ -581,6 +582,7 @@ static PyObject *decode_attention(PyObject *self, PyObject *const *args, Py_ssiz
     Py_RETURN_NONE;
 }
 
+#include "_cpu_float.h"
 #include "_cpu_quant.h"
 #include "_cpu_decoder.h"
 
@@ -590,7 +592,9 @@ static PyMethodDef methods[] = {
     {"rope", (PyCFunction)(void (*)(void))rope, METH_FASTCALL, rope_doc},
     {"decode_attention", (PyCFunction)(void (*)(void))decode_attention, METH_FASTCALL,
      decode_attention_doc},
+    {"fmatmul", (PyCFunction)(void (*)(void))fmatmul, METH_FASTCALL, fmatmul_doc},
     {"qmatmul", (PyCFunction)(void (*)(void))qmatmul, METH_FASTCALL, qmatmul_doc},
+    {"qgemm", (PyCFunction)(void (*)(void))qgemm, METH_FASTCALL, qgemm_doc},
     {"dequantize", (PyCFunction)(void (*)(void))dequantize, METH_FASTCALL, dequantize_doc},
     {"quant_kernels", (PyCFunction)(void (*)(void))quant_kernels, METH_FASTCALL,
      quant_kernels_doc},

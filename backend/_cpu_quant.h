@@ -19,12 +19,14 @@
  * dequantized matrix only through the activations' rounding to int8 (relative error about
  * 1 / 254 per element) and float summation order.
  *
- * Kernels: q4 with AVX-VNNI (dpbusd) or AVX2 (maddubs), q8 with AVX2, where the CPU has
- * them (and the build has runtime dispatch: HAVE_X86_DISPATCH in _cpu_ops.c), else portable C;
- * single-threaded; the weight bytes of one output row are read once per call and reused for
- * every activation row. Per pair of q4 blocks the AVX path is one load, an AND, a shift and
- * an AND for the weights, then per block a load, the integer dot, a conversion and one FMA
- * with the block's d dx (taken from a vector of four blocks' (d dx, m sx) products).
+ * Kernels: q4 with AVX-512 VNNI or AVX-VNNI (dpbusd) or AVX2 (maddubs), q8 with AVX2, where
+ * the CPU has them (and the build has runtime dispatch: HAVE_X86_DISPATCH in _cpu_ops.c),
+ * else portable C; single-threaded; the weight bytes of one output row are read once per call
+ * and reused for every activation row. Per pair of q4 blocks the AVX path is one load, an
+ * AND, a shift and an AND for the weights, then per block a load, the integer dot, a
+ * conversion and one FMA with the block's d dx (taken from a vector of four blocks' (d dx,
+ * m sx) products). With AVX-512 VNNI, qmatrix_gemm (prefill: many activation rows) computes
+ * the same from register tiles of 4 rows x 32 columns instead (see its section).
  */
 #ifdef HAVE_X86_DISPATCH
 #include <immintrin.h>
@@ -169,6 +171,17 @@ q4_rows4_vnni(const uint8_t *codes, const uint16_t *dm, const int8_t *x8, const 
 {
     Q4_ROWS4_BODY(DOT_VNNI)
 }
+
+/* The same instruction in its AVX-512 VL encoding (CPUs with AVX-512 VNNI, not AVX-VNNI). */
+#define AVX512_TARGET __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
+#define DOT_VNNI512(w, x) _mm256_dpbusd_epi32(_mm256_setzero_si256(), (w), (x))
+
+AVX512_TARGET static void q4_rows4_vnni512(const uint8_t *codes, const uint16_t *dm,
+                                           const int8_t *x8, const float *dxsx, Py_ssize_t nb,
+                                           float *y)
+{
+    Q4_ROWS4_BODY(DOT_VNNI512)
+}
 #endif
 
 static void q4_rows4_portable(const uint8_t *codes, const uint16_t *dm, const int8_t *x8,
@@ -227,17 +240,36 @@ typedef void (*Q4Rows4)(const uint8_t *, const uint16_t *, const int8_t *, const
                         Py_ssize_t, float *);
 typedef float (*Q8Dot)(const int8_t *, const int8_t *, const float *, Py_ssize_t);
 
-enum { KERNELS_PORTABLE, KERNELS_AVX2, KERNELS_VNNI };
-static const char *const kernel_names[] = {"portable", "avx2", "avx-vnni"};
+enum { KERNELS_PORTABLE, KERNELS_AVX2, KERNELS_VNNI, KERNELS_AVX512, KERNEL_LEVELS };
+static const char *const kernel_names[] = {"portable", "avx2", "avx-vnni", "avx512-vnni"};
 static int chosen_kernels = -1; /* -1: the best available */
+
+/* Whether this CPU (and build) runs the kernels of `level`. avx512-vnni adds the many-row
+ * GEMM (qmatrix_gemm) and needs neither AVX-VNNI nor the avx-vnni level. */
+static int kernels_available(int level)
+{
+#ifdef HAVE_AVX2_KERNELS
+    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    switch (level) {
+    case KERNELS_AVX2:
+        return avx2;
+    case KERNELS_VNNI:
+        return avx2 && __builtin_cpu_supports("avxvnni");
+    case KERNELS_AVX512:
+        return avx2 && __builtin_cpu_supports("avx512f") &&
+               __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+               __builtin_cpu_supports("avx512vnni");
+    }
+#endif
+    return level == KERNELS_PORTABLE;
+}
 
 static int best_kernels(void)
 {
-#ifdef HAVE_AVX2_KERNELS
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-        return __builtin_cpu_supports("avxvnni") ? KERNELS_VNNI : KERNELS_AVX2;
-#endif
-    return KERNELS_PORTABLE;
+    int level = KERNEL_LEVELS - 1;
+    while (!kernels_available(level))
+        level--;
+    return level;
 }
 
 static int active_kernels(void) { return chosen_kernels >= 0 ? chosen_kernels : best_kernels(); }
@@ -245,11 +277,14 @@ static int active_kernels(void) { return chosen_kernels >= 0 ? chosen_kernels : 
 static Q4Rows4 q4_kernel(void)
 {
 #ifdef HAVE_AVX2_KERNELS
-    int level = active_kernels();
-    if (level == KERNELS_VNNI)
+    switch (active_kernels()) {
+    case KERNELS_AVX512:
+        return q4_rows4_vnni512;
+    case KERNELS_VNNI:
         return q4_rows4_vnni;
-    if (level == KERNELS_AVX2)
+    case KERNELS_AVX2:
         return q4_rows4_avx2;
+    }
 #endif
     return q4_rows4_portable;
 }
@@ -271,7 +306,6 @@ PyDoc_STRVAR(quant_kernels_doc,
 
 static PyObject *quant_kernels(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    int best = best_kernels();
     if (nargs > 1)
         return PyErr_Format(PyExc_TypeError, "quant_kernels(name=None)");
     if (nargs == 1 && args[0] != Py_None) {
@@ -279,19 +313,30 @@ static PyObject *quant_kernels(PyObject *self, PyObject *const *args, Py_ssize_t
         if (!name)
             return NULL;
         int found = strcmp(name, "best") == 0 ? -1 : -2;
-        for (int level = 0; level <= best && found == -2; level++)
-            if (strcmp(name, kernel_names[level]) == 0)
+        for (int level = 0; level < KERNEL_LEVELS && found == -2; level++)
+            if (kernels_available(level) && strcmp(name, kernel_names[level]) == 0)
                 found = level;
         if (found == -2)
             return PyErr_Format(PyExc_ValueError, "no %s kernels on this CPU", name);
         chosen_kernels = found;
     }
-    PyObject *available = PyTuple_New(best + 1);
+    PyObject *available = PyList_New(0);
     if (!available)
         return NULL;
-    for (int level = 0; level <= best; level++)
-        PyTuple_SET_ITEM(available, level, PyUnicode_FromString(kernel_names[level]));
-    return Py_BuildValue("(sN)", kernel_names[active_kernels()], available);
+    for (int level = 0; level < KERNEL_LEVELS; level++) {
+        if (!kernels_available(level))
+            continue;
+        PyObject *name = PyUnicode_FromString(kernel_names[level]);
+        int failed = !name || PyList_Append(available, name) < 0;
+        Py_XDECREF(name);
+        if (failed) {
+            Py_DECREF(available);
+            return NULL;
+        }
+    }
+    PyObject *names = PyList_AsTuple(available);
+    Py_DECREF(available);
+    return names ? Py_BuildValue("(sN)", kernel_names[active_kernels()], names) : NULL;
 }
 
 /* ---- quantized matrices -------------------------------------------------------------- */
@@ -365,6 +410,295 @@ static void qmatrix_apply(const QMatrix *w, const void *x, int x_dt, Py_ssize_t 
         }
     }
 }
+
+/* ---- many rows: the register-tiled AVX-512 VNNI GEMM ---------------------------------- */
+
+/* qmatrix_gemm computes what qmatrix_apply does, from the same int8 activations, for many
+ * activation rows at once (prefill). Per panel of 16 or 32 output columns it first unpacks
+ * the weights once into a buffer in vpdpbusd's layout (GemmPanel), then runs tiles of up to
+ * GEMM_ROWS activation rows by the whole panel with the accumulators in registers: per block
+ * of 32 and step of 4 bytes, one 64-byte weight load per 16 columns and one broadcast dword
+ * per row feed 16-lane integer dot products (one lane per column); per block they are
+ * converted and scaled in float (d dx, plus m sx for q4). The integer dots are exact, so
+ * only float summation order separates the result from qmatrix_apply's.
+ * q8 values are signed, but vpdpbusd multiplies unsigned by signed bytes: the activations
+ * take the unsigned side as x8 + 128 and each dot starts at -128 times the block's sum of
+ * values, which is exact. */
+#ifdef HAVE_AVX2_KERNELS
+#define GEMM_ROWS 4
+#define GEMM_STRIPS 2 /* 16-column strips per panel */
+
+/* quantize_activations for the GEMM (the same x8 and dx; sx summed in another order), each
+ * x8 byte XORed with `flip` (0x80 turns x8 into the unsigned x8 + 128 that q8 takes). */
+AVX512_TARGET static void gemm_quantize_activations(const void *x, int x_dt,
+                                                    Py_ssize_t x_stride, Py_ssize_t rows,
+                                                    Py_ssize_t k, int flip, int8_t *x8,
+                                                    float *dxsx, float *row_buf)
+{
+    Py_ssize_t nb = k / QBLOCK;
+    const __m128i flips = _mm_set1_epi8((char)flip);
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        load_row(row_buf, AT(x, x_dt, r * x_stride), x_dt, k);
+        for (Py_ssize_t j = 0; j < nb; j++) {
+            __m512 v0 = _mm512_loadu_ps(row_buf + QBLOCK * j);
+            __m512 v1 = _mm512_loadu_ps(row_buf + QBLOCK * j + 16);
+            /* max(a, b) is a > b ? a : b, so a NaN is skipped as in quantize_activations */
+            __m512 a0 = _mm512_abs_ps(v0), a1 = _mm512_abs_ps(v1);
+            __m512 amax16 = _mm512_max_ps(a1, _mm512_max_ps(a0, _mm512_setzero_ps()));
+            float amax = _mm512_reduce_max_ps(amax16);
+            float sum = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
+            __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+            /* rounded to nearest even, then truncated to bytes, as (int8_t)lrintf */
+            __m128i q0 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)));
+            __m128i q1 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v1, inv)));
+            int8_t *q = x8 + r * k + QBLOCK * j;
+            _mm_storeu_si128((__m128i *)q, _mm_xor_si128(q0, flips));
+            _mm_storeu_si128((__m128i *)(q + 16), _mm_xor_si128(q1, flips));
+            dxsx[2 * (r * nb + j)] = sum != sum ? NAN : amax / 127.0f;
+            dxsx[2 * (r * nb + j) + 1] = sum;
+        }
+    }
+}
+
+/* One panel of `strips` 16-column strips of the matrix, for every block j of K:
+ * - codes[((j * 8 + s) * strips + v) * 64 + 4 c + i]: byte 4 s + i of block j of column
+ *   16 v + c (a q4 code, or a q8 value);
+ * - q4: d and m [(j * strips + v) * 16 + c] as floats;
+ * - q8: start[(j * strips + v) * 16 + c] = -128 * the block's sum of values, scale [16 v + c]
+ *   (the column's scale as a float). */
+typedef struct {
+    uint8_t *codes;
+    float *d, *m, *scale;
+    int32_t *start;
+    void *block;
+} GemmPanel;
+
+static int gemm_panel_alloc(GemmPanel *p, Py_ssize_t nb)
+{
+    size_t lanes = (size_t)nb * GEMM_STRIPS * 16, codes = lanes * QBLOCK;
+    size_t bytes = codes + 3 * lanes * sizeof(float) + GEMM_STRIPS * 16 * sizeof(float);
+    p->block = aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (!p->block)
+        return 0;
+    p->codes = p->block;
+    p->d = (float *)(p->codes + codes);
+    p->m = p->d + lanes;
+    p->start = (int32_t *)(p->m + lanes);
+    p->scale = (float *)(p->start + lanes);
+    return 1;
+}
+
+/* out[s] for s < 8: dword c holds bytes 4 s .. 4 s + 3 of src + c * stride, c < 16 (a 16 x 8
+ * dword transpose: rows c and c + 8 share a vector, then an 8 x 8 transpose per half). */
+AVX512_TARGET static inline void transpose16x8(const uint8_t *src, Py_ssize_t stride,
+                                               __m512i out[8])
+{
+    __m512i r[8], t[8], u[8];
+    for (int i = 0; i < 8; i++) {
+        __m256i lo = _mm256_loadu_si256((const __m256i *)(src + i * stride));
+        __m256i hi = _mm256_loadu_si256((const __m256i *)(src + (i + 8) * stride));
+        r[i] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    }
+    for (int i = 0; i < 8; i += 2) { /* t[i]: dwords 0 1 (4 5) of rows i, i + 1 interleaved */
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) { /* u[i + s]: dword s (and s + 4) of rows i .. i + 3 */
+        u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    const __m512i first = _mm512_set_epi64(13, 12, 5, 4, 9, 8, 1, 0);
+    const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 11, 10, 3, 2);
+    for (int s = 0; s < 4; s++) {
+        out[s] = _mm512_permutex2var_epi64(u[s], first, u[s + 4]);
+        out[s + 4] = _mm512_permutex2var_epi64(u[s], second, u[s + 4]);
+    }
+}
+
+/* Fill p with the `strips` strips of w from column n0 (n0 + 16 strips <= w->n). */
+AVX512_TARGET static void gemm_panel_fill(const QMatrix *w, Py_ssize_t n0, int strips,
+                                          GemmPanel *p)
+{
+    Py_ssize_t k = w->k, nb = k / QBLOCK;
+    __m512i t[8];
+    for (int v = 0; v < strips; v++) {
+        Py_ssize_t col = n0 + 16 * v;
+        if (w->kind == Q4) {
+            const uint8_t *codes = (const uint8_t *)w->weights + col * (k / 2);
+            const __m512i low4 = _mm512_set1_epi8(0x0f);
+            for (Py_ssize_t j = 0; j < nb; j += 2) {
+                transpose16x8(codes + 16 * j, k / 2, t);
+                for (int s = 0; s < 8; s++) {
+                    uint8_t *even = p->codes + ((j * 8 + s) * strips + v) * 64;
+                    uint8_t *odd = p->codes + (((j + 1) * 8 + s) * strips + v) * 64;
+                    _mm512_store_si512(even, _mm512_and_si512(t[s], low4));
+                    _mm512_store_si512(odd, _mm512_and_si512(_mm512_srli_epi32(t[s], 4), low4));
+                }
+            }
+            /* each column's (d, m) bfloat16 pairs as dwords, nb apart */
+            const char *dm = (const char *)(w->scales + col * 2 * nb);
+            const __m512i index = _mm512_mullo_epi32(
+                _mm512_set1_epi32((int)nb),
+                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+            const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
+            for (Py_ssize_t j = 0; j < nb; j++) {
+                __m512i pairs = _mm512_i32gather_epi32(index, dm + 4 * j, 4);
+                Py_ssize_t at = (j * strips + v) * 16;
+                _mm512_store_si512(p->d + at, _mm512_slli_epi32(pairs, 16));
+                _mm512_store_si512(p->m + at, _mm512_and_si512(pairs, high));
+            }
+        } else {
+            const uint8_t *values = (const uint8_t *)w->weights + col * k;
+            const __m512i ones = _mm512_set1_epi8(1);
+            for (Py_ssize_t j = 0; j < nb; j++) {
+                transpose16x8(values + QBLOCK * j, k, t);
+                __m512i sum = _mm512_setzero_si512();
+                for (int s = 0; s < 8; s++) {
+                    _mm512_store_si512(p->codes + ((j * 8 + s) * strips + v) * 64, t[s]);
+                    sum = _mm512_dpbusd_epi32(sum, ones, t[s]);
+                }
+                _mm512_store_si512(p->start + (j * strips + v) * 16,
+                                   _mm512_sub_epi32(_mm512_setzero_si512(),
+                                                    _mm512_slli_epi32(sum, 7)));
+            }
+            __m256i scales = _mm256_loadu_si256((const __m256i *)(w->scales + col));
+            _mm512_store_si512(p->scale + 16 * v,
+                               _mm512_slli_epi32(_mm512_cvtepu16_epi32(scales), 16));
+        }
+    }
+}
+
+/* y[r][16 v + c] (rows r < `rows`, 16 strips columns a row) = the products of activation
+ * rows x8 + r k (k bytes apart; q8: offset by 128) with the panel's columns. Inlined with
+ * constant kind, strips and rows, so that the tile's accumulators stay in registers. */
+AVX512_TARGET static inline __attribute__((always_inline)) void
+gemm_tile(int kind, int strips, int rows, const GemmPanel *p, const int8_t *x8, Py_ssize_t k,
+          const float *dxsx, float *y)
+{
+    Py_ssize_t nb = k / QBLOCK;
+    __m512 acc[GEMM_ROWS][GEMM_STRIPS];
+    for (int r = 0; r < rows; r++)
+        for (int v = 0; v < strips; v++)
+            acc[r][v] = _mm512_setzero_ps();
+    for (Py_ssize_t j = 0; j < nb; j++) {
+        __m512i dot[GEMM_ROWS][GEMM_STRIPS];
+        for (int v = 0; v < strips; v++) {
+            __m512i start = kind == Q4 ? _mm512_setzero_si512()
+                                       : _mm512_load_si512(p->start + (j * strips + v) * 16);
+            for (int r = 0; r < rows; r++)
+                dot[r][v] = start;
+        }
+        const uint8_t *codes = p->codes + j * 8 * strips * 64;
+        for (int s = 0; s < 8; s++) {
+            __m512i wv[GEMM_STRIPS];
+            for (int v = 0; v < strips; v++)
+                wv[v] = _mm512_load_si512(codes + (s * strips + v) * 64);
+            for (int r = 0; r < rows; r++) {
+                int32_t xs;
+                memcpy(&xs, x8 + r * k + QBLOCK * j + 4 * s, sizeof xs);
+                __m512i xv = _mm512_set1_epi32(xs);
+                for (int v = 0; v < strips; v++)
+                    dot[r][v] = kind == Q4 ? _mm512_dpbusd_epi32(dot[r][v], wv[v], xv)
+                                           : _mm512_dpbusd_epi32(dot[r][v], xv, wv[v]);
+            }
+        }
+        for (int r = 0; r < rows; r++) {
+            __m512 dx = _mm512_set1_ps(dxsx[2 * (r * nb + j)]);
+            __m512 sx = _mm512_set1_ps(dxsx[2 * (r * nb + j) + 1]);
+            for (int v = 0; v < strips; v++) {
+                __m512 dots = _mm512_cvtepi32_ps(dot[r][v]);
+                if (kind == Q4) {
+                    Py_ssize_t at = (j * strips + v) * 16;
+                    __m512 scale = _mm512_mul_ps(_mm512_load_ps(p->d + at), dx);
+                    acc[r][v] = _mm512_fmadd_ps(dots, scale, acc[r][v]);
+                    acc[r][v] = _mm512_fmadd_ps(_mm512_load_ps(p->m + at), sx, acc[r][v]);
+                } else {
+                    acc[r][v] = _mm512_fmadd_ps(dots, dx, acc[r][v]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int v = 0; v < strips; v++) {
+            __m512 out = kind == Q4 ? acc[r][v]
+                                    : _mm512_mul_ps(acc[r][v], _mm512_load_ps(p->scale + 16 * v));
+            _mm512_storeu_ps(y + (r * strips + v) * 16, out);
+        }
+}
+
+/* gemm_tile for every tile of activation rows (GEMM_ROWS at a time, then the rest), each
+ * tile's products (plus bias from column n0) stored to out from column n0. */
+AVX512_TARGET static inline __attribute__((always_inline)) void
+gemm_panel_rows(int kind, int strips, const GemmPanel *p, const Activations *a, Py_ssize_t rows,
+                Py_ssize_t k, const float *bias, void *out, int out_dt, Py_ssize_t out_stride)
+{
+    Py_ssize_t nb = k / QBLOCK, width = 16 * strips;
+    float y[GEMM_ROWS * GEMM_STRIPS * 16];
+    for (Py_ssize_t r0 = 0; r0 < rows; r0 += GEMM_ROWS) {
+        const int8_t *x8 = a->x8 + r0 * k;
+        const float *dxsx = a->dxsx + 2 * r0 * nb;
+        Py_ssize_t count = rows - r0 < GEMM_ROWS ? rows - r0 : GEMM_ROWS;
+        switch (count) {
+        case 1:
+            gemm_tile(kind, strips, 1, p, x8, k, dxsx, y);
+            break;
+        case 2:
+            gemm_tile(kind, strips, 2, p, x8, k, dxsx, y);
+            break;
+        case 3:
+            gemm_tile(kind, strips, 3, p, x8, k, dxsx, y);
+            break;
+        default:
+            gemm_tile(kind, strips, GEMM_ROWS, p, x8, k, dxsx, y);
+        }
+        for (Py_ssize_t r = 0; r < count; r++) {
+            float *yr = y + r * width;
+            if (bias)
+                for (Py_ssize_t c = 0; c < width; c++)
+                    yr[c] += bias[c];
+            store_row(AT(out, out_dt, (r0 + r) * out_stride), out_dt, yr, width);
+        }
+    }
+}
+
+/* qmatrix_apply's contract, for many rows: panels of 32 columns (then one of 16 where 16
+ * remain) through the tiles above, the last n % 16 columns through qmatrix_apply.
+ * p: a panel buffer for w->k (gemm_panel_alloc). */
+AVX512_TARGET static void qmatrix_gemm(const QMatrix *w, const void *x, int x_dt,
+                                       Py_ssize_t x_stride, Py_ssize_t rows, void *out,
+                                       int out_dt, Py_ssize_t out_stride, Activations *a,
+                                       GemmPanel *p)
+{
+    Py_ssize_t k = w->k, nb = k / QBLOCK, n16 = w->n / 16 * 16;
+    if (n16 < w->n) {
+        QMatrix tail = *w;
+        tail.n = w->n - n16;
+        tail.weights = (const uint8_t *)w->weights + n16 * (w->kind == Q4 ? k / 2 : k);
+        tail.scales = w->scales + n16 * (w->kind == Q4 ? 2 * nb : 1);
+        tail.bias = w->bias ? w->bias + n16 : NULL;
+        qmatrix_apply(&tail, x, x_dt, x_stride, rows, AT(out, out_dt, n16), out_dt, out_stride,
+                      a);
+    }
+    gemm_quantize_activations(x, x_dt, x_stride, rows, k, w->kind == Q8 ? 0x80 : 0, a->x8,
+                              a->dxsx, a->row_buf);
+    for (Py_ssize_t n0 = 0; n0 < n16; n0 += 16 * GEMM_STRIPS) {
+        int strips = n16 - n0 >= 16 * GEMM_STRIPS ? GEMM_STRIPS : 1;
+        gemm_panel_fill(w, n0, strips, p);
+        const float *bias = w->bias ? w->bias + n0 : NULL;
+        void *dst = AT(out, out_dt, n0);
+        if (w->kind == Q4 && strips == GEMM_STRIPS)
+            gemm_panel_rows(Q4, GEMM_STRIPS, p, a, rows, k, bias, dst, out_dt, out_stride);
+        else if (w->kind == Q4)
+            gemm_panel_rows(Q4, 1, p, a, rows, k, bias, dst, out_dt, out_stride);
+        else if (strips == GEMM_STRIPS)
+            gemm_panel_rows(Q8, GEMM_STRIPS, p, a, rows, k, bias, dst, out_dt, out_stride);
+        else
+            gemm_panel_rows(Q8, 1, p, a, rows, k, bias, dst, out_dt, out_stride);
+    }
+}
+#endif
 
 #ifdef HAVE_AVX2_KERNELS
 /* 16 finite floats rounded to bfloat16 (nearest even) and stored. */
@@ -458,18 +792,32 @@ PyDoc_STRVAR(qmatmul_doc,
 "[n], k % 32 == 0), x quantized per block of 32 (see _cpu_quant.h).\n"
 "Raises ValueError for another kind or a k the kind cannot take.");
 
+/* Parse qmatmul's arguments (shared by qgemm) into w and the rest; 0 with an exception set
+ * on bad ones. */
+static int parse_qmatmul(PyObject *const *args, Py_ssize_t nargs, const char *name, QMatrix *w,
+                         void **x, int *x_dt, Py_ssize_t *x_stride, Py_ssize_t *rows, void **out,
+                         int *out_dt, Py_ssize_t *out_stride)
+{
+    if (!parse_args(args, nargs, name, "ippnnpinnpin", &w->kind, (void **)&w->weights,
+                    (void **)&w->scales, &w->n, &w->k, x, x_dt, x_stride, rows, out, out_dt,
+                    out_stride))
+        return 0;
+    if ((w->kind != Q4 && w->kind != Q8) || w->k % (w->kind == Q4 ? 2 * QBLOCK : QBLOCK)) {
+        PyErr_Format(PyExc_ValueError, "no q%d kernel for k = %zd", w->kind, w->k);
+        return 0;
+    }
+    return 1;
+}
+
 static PyObject *qmatmul(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     QMatrix w = {0};
     void *x, *out;
     int x_dt, out_dt;
     Py_ssize_t x_stride, rows, out_stride;
-    if (!parse_args(args, nargs, "qmatmul", "ippnnpinnpin", &w.kind, (void **)&w.weights,
-                    (void **)&w.scales, &w.n, &w.k, &x, &x_dt, &x_stride, &rows, &out, &out_dt,
-                    &out_stride))
+    if (!parse_qmatmul(args, nargs, "qmatmul", &w, &x, &x_dt, &x_stride, &rows, &out, &out_dt,
+                       &out_stride))
         return NULL;
-    if ((w.kind != Q4 && w.kind != Q8) || w.k % (w.kind == Q4 ? 2 * QBLOCK : QBLOCK))
-        return PyErr_Format(PyExc_ValueError, "no q%d kernel for k = %zd", w.kind, w.k);
     Activations a;
     if (!activations_alloc(&a, rows, w.k))
         return PyErr_NoMemory();
@@ -478,6 +826,42 @@ static PyObject *qmatmul(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     Py_END_ALLOW_THREADS
     free(a.block);
     Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(qgemm_doc,
+"qgemm(kind, weights, scales, n, k, x, x_dt, x_stride, rows, out, out_dt, out_stride) -> bool\n"
+"qmatmul's product by the register-tiled GEMM for many rows, where the active kernels have\n"
+"it (avx512-vnni): the same int8 activations and exact integer dots, another float\n"
+"summation order. Returns False, having written nothing, where they do not.");
+
+static PyObject *qgemm(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    QMatrix w = {0};
+    void *x, *out;
+    int x_dt, out_dt;
+    Py_ssize_t x_stride, rows, out_stride;
+    if (!parse_qmatmul(args, nargs, "qgemm", &w, &x, &x_dt, &x_stride, &rows, &out, &out_dt,
+                       &out_stride))
+        return NULL;
+#ifdef HAVE_AVX2_KERNELS
+    if (active_kernels() == KERNELS_AVX512) {
+        Activations a;
+        GemmPanel p;
+        if (!activations_alloc(&a, rows, w.k))
+            return PyErr_NoMemory();
+        if (!gemm_panel_alloc(&p, w.k / QBLOCK)) {
+            free(a.block);
+            return PyErr_NoMemory();
+        }
+        Py_BEGIN_ALLOW_THREADS
+        qmatrix_gemm(&w, x, x_dt, x_stride, rows, out, out_dt, out_stride, &a, &p);
+        Py_END_ALLOW_THREADS
+        free(p.block);
+        free(a.block);
+        Py_RETURN_TRUE;
+    }
+#endif
+    Py_RETURN_FALSE;
 }
 
 PyDoc_STRVAR(dequantize_doc,

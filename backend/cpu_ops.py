@@ -4,11 +4,11 @@ The layer ops (`add_rms_norm_`, `silu_and_mul`, `rope`) have the contracts of th
 references in ``backend/fused_ops.py``, except that they return the input's dtype where a
 reference would promote a bfloat16 input with float32 tables or weights to float32.
 `decode_attention` has the contract of the KV write plus sdpa in
-``backend/attention/torch_backend.py``; `qmatmul` and `dequantize` serve the packed matrices
-of ``backend/quantization.py``. They return new tensors (``add_rms_norm_`` also updates the
-residual in place) and accept CPU tensors of float32 or bfloat16 whose last dim is
-contiguous: `supports` says whether a tensor qualifies, and callers fall back to the torch
-references otherwise. Shapes, dtypes and strides are checked here; the C code range-checks
+``backend/attention/torch_backend.py``; `qmatmul`, `qgemm` and `dequantize` serve the packed
+matrices of ``backend/quantization.py``. They return new tensors (``add_rms_norm_`` also
+updates the residual in place) and accept CPU tensors of float32 or bfloat16 whose last dim
+is contiguous: `supports` says whether a tensor qualifies, and callers fall back to the
+torch references otherwise. Shapes, dtypes and strides are checked here; the C code range-checks
 the indices that address memory (slots, positions) and raises ``ValueError``.
 
 Why: see the C source's header (per-op overhead dominates a small model's decode step).
@@ -182,9 +182,7 @@ def qmatmul(
     ``[N, K]``, bfloat16 scales ``[N]``), both contiguous; ``x`` ``[rows, K]`` (last dim
     contiguous) is quantized to int8 per block of 32 (``backend/_cpu_quant.h``)."""
     rows, k = x.shape
-    n = _check_packed(kind, weights, scales)
-    if weights.shape[1] * (2 if kind == Q4 else 1) != k:
-        raise ValueError(f"x {tuple(x.shape)} does not match a packed {n}-row matrix")
+    n = _check_operands(kind, weights, scales, x)
     out = torch.empty((rows, n), dtype=x.dtype)
     code = _CODES[x.dtype]
     _native.qmatmul(
@@ -204,6 +202,54 @@ def qmatmul(
     return out
 
 
+def fmatmul(
+    weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` ``[rows, N]`` in ``x``'s dtype for a contiguous float32
+    ``weight`` ``[N, K]`` (``bias`` float32 ``[N]``): the decode-step GEMV of float32 models
+    (``backend/_cpu_float.h``; a row's result does not depend on the other rows)."""
+    rows, k = x.shape
+    if weight.dtype != torch.float32 or weight.dim() != 2 or not weight.is_contiguous():
+        raise ValueError("weight must be a contiguous float32 matrix")
+    n = weight.shape[0]
+    if weight.shape[1] != k:
+        raise ValueError(f"x {tuple(x.shape)} does not match weight {tuple(weight.shape)}")
+    if bias is not None and (
+        bias.dtype != torch.float32 or bias.shape != (n,) or not bias.is_contiguous()
+    ):
+        raise ValueError(f"bias must be a contiguous float32 [{n}] tensor")
+    out = torch.empty((rows, n), dtype=x.dtype)
+    _native.fmatmul(
+        weight.data_ptr(),
+        n,
+        k,
+        0 if bias is None else bias.data_ptr(),
+        x.data_ptr(),
+        _CODES[x.dtype],
+        x.stride(0),
+        rows,
+        out.data_ptr(),
+        _CODES[x.dtype],
+        n,
+    )
+    return out
+
+
+def qgemm(
+    kind: int, weights: torch.Tensor, scales: torch.Tensor, x: torch.Tensor
+) -> torch.Tensor | None:
+    """`qmatmul`'s product by the register-tiled integer GEMM for many rows (AVX-512 VNNI:
+    the same int8 activations and exact integer dots, another float summation order; a
+    row's result does not depend on the other rows), or ``None`` where the active kernels
+    (`quant_kernels`) have no such GEMM."""
+    rows, k = x.shape
+    n = _check_operands(kind, weights, scales, x)
+    out = torch.empty((rows, n), dtype=x.dtype)
+    code = _CODES[x.dtype]
+    args = (weights.data_ptr(), scales.data_ptr(), n, k, x.data_ptr(), code, x.stride(0), rows)
+    return out if _native.qgemm(kind, *args, out.data_ptr(), code, n) else None
+
+
 def dequantize(
     kind: int, weights: torch.Tensor, scales: torch.Tensor, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -217,6 +263,15 @@ def dequantize(
         raise ValueError(f"out must be a contiguous bfloat16 [{n}, {k}] tensor")
     _native.dequantize(kind, weights.data_ptr(), scales.data_ptr(), n, k, out.data_ptr())
     return out
+
+
+def _check_operands(kind: int, weights: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> int:
+    """Rows of a well-formed packed matrix that ``x`` ``[rows, K]`` matches; ``ValueError``
+    otherwise."""
+    n = _check_packed(kind, weights, scales)
+    if weights.shape[1] * (2 if kind == Q4 else 1) != x.shape[1]:
+        raise ValueError(f"x {tuple(x.shape)} does not match a packed {n}-row matrix")
+    return n
 
 
 def _check_packed(kind: int, weights: torch.Tensor, scales: torch.Tensor) -> int:
@@ -235,7 +290,7 @@ def _check_packed(kind: int, weights: torch.Tensor, scales: torch.Tensor) -> int
 
 
 def quant_kernels(name: str | None = None) -> tuple[str, tuple[str, ...]]:
-    """The active q4/q8 kernels (``"portable"``, ``"avx2"``, ``"avx-vnni"``) and those this CPU
-    runs, best last; ``name`` makes one active first (``"best"``: the default). For tests and
-    benchmarks."""
+    """The active q4/q8 kernels (``"portable"``, ``"avx2"``, ``"avx-vnni"``, ``"avx512-vnni"``:
+    the last adds `qgemm`) and those this CPU runs, best last; ``name`` makes one active
+    first (``"best"``: the default). For tests and benchmarks."""
     return _native.quant_kernels(name)

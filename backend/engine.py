@@ -176,7 +176,7 @@ class Engine:
             load_format=config.load_format,
             quantization=config.quantization,
         )
-        if device.type == "cuda":
+        if device.type == "cuda" or dtype == torch.float32:  # fewer GEMMs; native decode
             self.model.fuse_projections()
         self.context_len = min(
             config.context_length or self.model.max_context_len, self.model.max_context_len
@@ -481,8 +481,8 @@ class Engine:
             raise ValueError(f"the prompt has {len(ids)} tokens; the KV pool holds {pool_size}")
 
     def _native_decoder(self) -> NativeDecoder | None:
-        """One native call per decode step for packed (quantized) models that it supports."""
-        if self.config.quantization is None:
+        """One native call per decode step for the CPU models it supports."""
+        if self.pool.device.type != "cpu":
             return None
         reason = unsupported_reason(self.model, self.pool)
         if reason is not None:

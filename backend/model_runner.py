@@ -26,8 +26,8 @@ class ModelRunner:
     host while the model and the pool are on a GPU: the slots a pass needs travel with it.
     With ``cuda_graph_sizes`` (CUDA, Triton attention, host table), decode steps of up to
     the largest size replay captured graphs (``backend/cuda_graph_runner.py``). With a
-    ``native_decoder`` (packed models on the CPU), decode steps that the attention backend
-    would run natively are one native call (``backend/native_decoder.py``).
+    ``native_decoder`` (CPU models it supports), decode steps that the attention backend
+    would run natively and that it takes are one native call (``backend/native_decoder.py``).
     """
 
     def __init__(
@@ -111,7 +111,7 @@ class ModelRunner:
             return self.graphs.run(self.table.table, rows, seq_lens, last_tokens)
         if isinstance(last_tokens, torch.Tensor):
             raise ValueError("device-side input ids need a captured CUDA graph")
-        if self.native_decoder is not None and rows:
+        if self.native_decoder is not None and rows and self.native_decoder.takes(len(rows)):
             slots = [self.table.table[r, :n] for r, n in zip(rows, seq_lens)]
             if isinstance(self.attn_backend, TorchAttentionBackend) and (
                 self.attn_backend.decodes_natively(slots)

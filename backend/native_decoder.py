@@ -1,13 +1,15 @@
-"""Whole decode steps of a quantized model in one native call (``backend/_cpu_decoder.h``).
+"""Whole decode steps of a CPU model in one native call (``backend/_cpu_decoder.h``).
 
 The per-op path (``CausalLM.forward`` over ``backend/cpu_ops.py`` kernels) spends about a
 third of a small model's decode step in Python between kernels. ``NativeDecoder`` runs the
 same kernels, in the same order, in one call per step, so its logits equal the per-op path's.
 
-It applies to CPU models whose every decoder matrix and output projection is packed
-(``Engine(quantization=...)``), float32 embeddings and norms, SiLU MLPs, no q/k norm, and a
-float32 or bfloat16 KV pool; `unsupported_reason` names what rules a model out. The decoder
-holds the model's and the pool's tensors: it is valid as long as they are not replaced.
+It applies to CPU models whose decoder matrices and output projection are all packed
+(``Engine(quantization=...)``) or all float32 (with fused q/k/v and gate/up), float32
+embeddings and norms, SiLU MLPs, no q/k norm, and a float32 or bfloat16 KV pool;
+`unsupported_reason` names what rules a model out. A float32 model's steps take it only
+where its matrix kernel beats torch's GEMM (`takes`). The decoder holds the model's and the
+pool's tensors: it is valid as long as they are not replaced.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from backend import _cpu_ops as _native
 from backend import cpu_ops
 from backend.kv_pool import KVPool
 from backend.models.llama import CausalLM
-from backend.quantization import Int4Weight, Int8Weight, QuantizedLinear
+from backend.quantization import Int4Weight, Int8Weight, float_gemv_applies
 
 _KV_CODES = {torch.float32: 0, torch.bfloat16: 1}
+_F32_MATRIX = 32  # QF32 in backend/_cpu_decoder.h
 
 
 def unsupported_reason(model: CausalLM, pool: KVPool) -> str | None:
@@ -33,18 +36,30 @@ def unsupported_reason(model: CausalLM, pool: KVPool) -> str | None:
         return "the embeddings are not float32 on the CPU"
     if pool.k_buffers[0].dtype not in _KV_CODES:
         return f"the KV pool is {pool.k_buffers[0].dtype}"
-    if not isinstance(model.lm_head, QuantizedLinear) or not _packed(model.lm_head.weight):
-        return "the output projection is not packed"
+    matrices = [model.lm_head.weight]
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         if attn.qk_norm:
             return "q/k norms are not supported"
         if mlp.act_fn is not F.silu:
             return "the MLP activation is not SiLU"
-        matrices = (attn.qkv_weight, attn.o_proj.weight, mlp.gate_up_weight, mlp.down_proj.weight)
-        if not all(_packed(w) for w in matrices):
-            return "a decoder matrix is not packed"
+        matrices += [attn.qkv_weight, attn.o_proj.weight, mlp.gate_up_weight, mlp.down_proj.weight]
+    if not (all(map(_packed, matrices)) or all(map(_float32, matrices))):
+        return "the matrices are neither all packed nor all fused float32"
     return None
+
+
+def _packed(weight: object) -> bool:
+    return isinstance(weight, Int4Weight | Int8Weight)
+
+
+def _float32(weight: object) -> bool:
+    return (
+        isinstance(weight, torch.Tensor)
+        and weight.dtype == torch.float32
+        and weight.device.type == "cpu"
+        and weight.is_contiguous()
+    )
 
 
 class NativeDecoder:
@@ -82,6 +97,13 @@ class NativeDecoder:
         )
         head = model.lm_head
         self._decoder = _native.decoder_new(dims, tensors, self._matrix(head.weight, None), layers)
+        self.float_matrices = _float32(head.weight)
+
+    def takes(self, batch: int) -> bool:
+        """Whether a decode step of ``batch`` requests should run here: always for packed
+        matrices, where the float32 GEMV is the per-op path's too for float32 ones
+        (``quantization.float_gemv_applies``: above, torch's GEMM is faster)."""
+        return not self.float_matrices or float_gemv_applies(batch)
 
     def logits(
         self,
@@ -126,8 +148,11 @@ class NativeDecoder:
             kind, values, scales = cpu_ops.Q4, weight.packed, weight.dm
         elif isinstance(weight, Int8Weight):
             kind, values, scales = cpu_ops.Q8, weight.values, weight.scales
+        elif _float32(weight):
+            assert isinstance(weight, torch.Tensor)
+            kind, values, scales = _F32_MATRIX, weight, weight  # scales unused
         else:
-            raise ValueError(f"not a packed matrix: {type(weight).__name__}")
+            raise ValueError(f"not a packed or float32 matrix: {type(weight).__name__}")
         self._keep += [values, scales]
         n, k = weight.shape
         bias_address = 0 if bias is None else self._address(bias)
@@ -148,7 +173,3 @@ class NativeDecoder:
             k_buf.data_ptr(),
             v_buf.data_ptr(),
         )
-
-
-def _packed(weight: object) -> bool:
-    return isinstance(weight, (Int4Weight, Int8Weight))

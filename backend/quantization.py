@@ -11,11 +11,13 @@ Contract:
   llama.cpp, they quantize the activations to int8 per block of 32 and take exact integer
   dot products, so a product differs from ``x @ dequantize().T`` only by the activations'
   rounding (about 1/254 of each value) and summation order. They take float32 or bfloat16
-  activations and return that dtype; one thread. In a prefill pass, from
-  ``BF16_GEMM_MIN_ROWS`` rows and where oneDNN has bfloat16 GEMMs, the matrix is dequantized
-  to bfloat16 instead, into a buffer each thread keeps (the size of the largest matrix), and
-  multiplied with the activations rounded to bfloat16; decode steps always take the integer
-  kernel.
+  activations and return that dtype; one thread. Decode steps always take the row-by-row
+  integer kernel (``cpu_ops.qmatmul``), so a request's numerics do not depend on its batch.
+  A prefill pass of ``QGEMM_MIN_ROWS`` rows or more takes the register-tiled integer GEMM
+  (``cpu_ops.qgemm``: AVX-512 VNNI, the same arithmetic in another summation order) where
+  the CPU has it; elsewhere, from ``BF16_GEMM_MIN_ROWS`` rows and where oneDNN has bfloat16
+  GEMMs, the matrix is dequantized to bfloat16 into a buffer each thread keeps (the size of
+  the largest matrix) and multiplied with the activations rounded to bfloat16.
 - Shapes the formats cannot take fall back, per matrix (logged): int4 needs ``K % 64 == 0``,
   else int8; int8 needs ``K % 32 == 0``, else the matrix stays float. Nothing is padded.
 - ``linear(x, weight, bias)`` is the model's one hook: ``F.linear`` for a float weight.
@@ -45,9 +47,13 @@ logger = logging.getLogger(__name__)
 
 SCHEMES: tuple[str, ...] = ("int4", "int8")
 GROUP_SIZE = 32
-# From this many rows (prefill), a bfloat16 GEMM over the dequantized matrix beats the
-# integer kernel, whose cost grows with the rows (crossover measured at ~12-16 rows on an
-# AVX-512 BF16 CPU); only where oneDNN has bfloat16 GEMMs.
+# From this many rows (prefill), the integer GEMM beats the row-by-row kernel (measured on
+# Zen 5, one thread: q4 from 2 rows, q8 from ~3; 4-10x at 16 rows, and 1.5-3.6x faster than
+# dequantization plus oneDNN's bfloat16 GEMM from 16 to 512 rows).
+QGEMM_MIN_ROWS = 4
+# Without the integer GEMM: from this many rows (prefill), a bfloat16 GEMM over the
+# dequantized matrix beats the row-by-row kernel, whose cost grows with the rows (crossover
+# measured at ~12-16 rows on an AVX-512 BF16 CPU); only where oneDNN has bfloat16 GEMMs.
 BF16_GEMM_MIN_ROWS = 16
 
 
@@ -86,9 +92,10 @@ class QuantizedWeight(ABC):
     def linear(
         self, x: torch.Tensor, bias: torch.Tensor | None = None, prefill: bool = False
     ) -> torch.Tensor:
-        """``x @ W.T + bias`` for ``x`` ``[..., in_features]``, in ``x.dtype``. The integer
-        kernel, or with ``prefill`` from ``BF16_GEMM_MIN_ROWS`` rows the bfloat16 GEMM (so
-        that decode steps compute the same whatever their batch size)."""
+        """``x @ W.T + bias`` for ``x`` ``[..., in_features]``, in ``x.dtype``. The row-by-row
+        integer kernel, or with ``prefill`` the integer GEMM (from ``QGEMM_MIN_ROWS`` rows,
+        where the CPU has it) or else the bfloat16 GEMM (from ``BF16_GEMM_MIN_ROWS`` rows);
+        decode steps thus compute the same whatever their batch size."""
         if x.dim() != 2:
             out = self.linear(x.reshape(-1, self.in_features), bias, prefill)
             return out.view(*x.shape[:-1], self.out_features)
@@ -96,10 +103,14 @@ class QuantizedWeight(ABC):
             x = x.contiguous()
         if not cpu_ops.supports(x):  # another dtype: through float32
             return self.linear(x.float(), bias, prefill).to(x.dtype)
-        if prefill and BF16_GEMM and x.shape[0] >= BF16_GEMM_MIN_ROWS:
+        rows = x.shape[0]
+        out = None
+        if prefill and rows >= QGEMM_MIN_ROWS:
+            out = cpu_ops.qgemm(*self.packed_parts, x)  # None without the integer GEMM
+        if out is None and prefill and BF16_GEMM and rows >= BF16_GEMM_MIN_ROWS:
             weight = self.dequantize_bf16(scratch=True)
             out = F.linear(x.to(torch.bfloat16), weight).to(x.dtype)
-        else:
+        if out is None:
             out = cpu_ops.qmatmul(*self.packed_parts, x)
         return out if bias is None else out.add_(bias)
 
@@ -226,6 +237,18 @@ def quantize_weight(weight: torch.Tensor, scheme: str) -> QuantizedWeight | torc
     return weight
 
 
+# Decode steps of float32 CPU models with at most this many rows take the native GEMV
+# (`cpu_ops.fmatmul`, single-threaded): it reads the weights at the core's load bandwidth,
+# ~2x torch's GEMV, and is slower than torch's GEMM from about 16 rows.
+FLOAT_GEMV_MAX_ROWS = 8
+
+
+def float_gemv_applies(rows: int) -> bool:
+    """Whether a decode step of ``rows`` rows with float32 CPU weights takes the native GEMV
+    (only when torch runs one thread: it would use the others)."""
+    return rows <= FLOAT_GEMV_MAX_ROWS and torch.get_num_threads() == 1
+
+
 def linear(
     x: torch.Tensor,
     weight: QuantizedWeight | torch.Tensor,
@@ -233,10 +256,21 @@ def linear(
     prefill: bool = False,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; a ``QuantizedWeight`` runs its own kernel (``prefill``:
-    ``x`` holds rows of a prefill pass, see ``QuantizedWeight.linear``)."""
-    if isinstance(weight, torch.Tensor):
-        return F.linear(x, weight, bias)
-    return weight.linear(x, bias, prefill)
+    ``x`` holds rows of a prefill pass, see ``QuantizedWeight.linear``); decode steps of
+    contiguous float32 CPU weights may take the native GEMV (``float_gemv_applies``)."""
+    if isinstance(weight, QuantizedWeight):
+        return weight.linear(x, bias, prefill)
+    if (
+        not prefill
+        and x.dim() == 2
+        and weight.dtype == torch.float32
+        and weight.is_contiguous()
+        and cpu_ops.supports(x)
+        and float_gemv_applies(x.shape[0])
+        and (bias is None or bias.dtype == torch.float32)
+    ):
+        return cpu_ops.fmatmul(weight, x, bias)
+    return F.linear(x, weight, bias)
 
 
 class QuantizedLinear(nn.Module):

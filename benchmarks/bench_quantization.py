@@ -6,7 +6,9 @@ subprocess with one thread): decode ms/token (one stream, ``(t(65 tokens) - t(1 
 the bytes of linear weights one decode step reads and the bandwidth that implies, resident
 memory, and accuracy against float32 on a fixed text (teacher-forced: mean negative
 log-likelihood and top-1 agreement). With ``.venv-peers-llama`` present, llama.cpp runs the
-same two timings on the embedded Q4_1 GGUF and on its float32 rewrite.
+same two timings on the embedded Q4_1 GGUF and on its float32 rewrite. "int4, no integer
+GEMM" is int4 with the best kernels short of ``avx512-vnni`` (prefill through dequantization
+and oneDNN's bfloat16 GEMM): the A/B of the integer prefill GEMM (``cpu_ops.qgemm``).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_quantization.py [--json out.json]
 """
@@ -48,6 +50,8 @@ OURS: dict[str, dict[str, Any]] = {
     "bfloat16": {"dtype": "bfloat16"},
     "int8": {"quantization": "int8"},
     "int4": {"quantization": "int4"},
+    # the A/B of the integer prefill GEMM: the same kernels but the AVX-512 GEMM
+    "int4, no integer GEMM": {"quantization": "int4", "integer_gemm": False},
     "int4 + bf16 activations": {"quantization": "int4", "dtype": "bfloat16"},
 }
 LLAMA_CPP = {"llama.cpp Q4_1": "q4_1", "llama.cpp f32": "f32"}
@@ -74,10 +78,13 @@ def rss_mib() -> int:
 def run_ours(name: str) -> dict[str, Any]:
     import torch
 
+    from backend import cpu_ops
     from backend.engine import Engine
     from backend.quantization import QuantizedWeight
 
-    options = OURS[name]
+    options = dict(OURS[name])
+    if not options.pop("integer_gemm", True):  # the best kernels without cpu_ops.qgemm
+        cpu_ops.quant_kernels([k for k in cpu_ops.quant_kernels()[1] if k != "avx512-vnni"][-1])
     engine = Engine(num_threads=1, max_total_tokens=4096, **options)
     qkv = engine.model.model.layers[0].self_attn.qkv_weight
     if "quantization" in options and not isinstance(qkv, QuantizedWeight):

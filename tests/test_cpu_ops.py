@@ -121,6 +121,29 @@ def test_nan_activations_stay_nan() -> None:
         assert bool(out[0].isnan().all()) and bool(out[1].isfinite().all())
 
 
+def test_non_finite_activations_propagate_through_the_gemm_as_through_qmatmul() -> None:
+    """The integer GEMM (where the CPU has it) turns NaN and inf activations into the same
+    non-finite outputs as the row-by-row kernel (a group with an inf: NaN, its dot being
+    0 * inf), the other rows staying finite."""
+    x = torch.randn(6, 64, generator=gen())
+    x[0, 5], x[2, 40], x[3, 1], x[3, 2] = float("nan"), float("inf"), float("inf"), -float("inf")
+    x[1, 10], x[4, 63] = float("inf"), -float("inf")
+    codes = torch.randint(0, 256, (48, 32), dtype=torch.uint8, generator=gen())
+    values = torch.randint(-127, 128, (48, 64), dtype=torch.int8, generator=gen())
+    for kind, weights, scales in [
+        (cpu_ops.Q4, codes, torch.rand(48, 2, 2, generator=gen()) - 0.5),
+        (cpu_ops.Q8, values, torch.rand(48, generator=gen())),
+    ]:
+        parts = (kind, weights, scales.bfloat16())
+        gemm, rows = cpu_ops.qgemm(*parts, x), cpu_ops.qmatmul(*parts, x)
+        if gemm is None:
+            pytest.skip("no integer GEMM on this CPU")
+        assert bool(rows[:5].isnan().all()) and bool(rows[5].isfinite().all())
+        assert torch.equal(gemm.isnan(), rows.isnan()) and torch.equal(gemm.isinf(), rows.isinf())
+        scale = float(rows[5].abs().max())
+        torch.testing.assert_close(gemm[5], rows[5], rtol=1e-5, atol=1e-5 * scale)
+
+
 # ---- decode attention ----------------------------------------------------------------------
 
 
@@ -182,10 +205,52 @@ def test_decode_attention_refuses_bad_indices_before_writing() -> None:
         cpu_ops.decode_attention(q, k, v, k_buf, v_buf, torch.tensor([3.0]), slots, slots[0])
 
 
+# ---- float32 GEMV ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("x_dtype", DTYPES)
+@pytest.mark.parametrize(("n", "k"), [(960, 576), (7, 13), (4, 8), (5, 1537)])
+def test_fmatmul_matches_a_float64_reference(x_dtype: torch.dtype, n: int, k: int) -> None:
+    """Every row count (pairs and a last single row), short last weight tiles (n % 4) and a
+    k % 8 tail; the bias; bfloat16 activations are converted, the output is in their dtype."""
+    weight = torch.randn(n, k, generator=gen(1))
+    bias = torch.randn(n, generator=gen(2))
+    x = torch.randn(9, k, generator=gen(3)).to(x_dtype)
+    for rows in (1, 2, 3, 8, 9):
+        for b in (None, bias):
+            got = cpu_ops.fmatmul(weight, x[:rows], b)
+            ref = x[:rows].double() @ weight.double().T + (0 if b is None else b.double())
+            assert got.dtype == x_dtype
+            torch.testing.assert_close(got.double(), ref.to(x_dtype).double(), **close(x_dtype))
+
+
+def test_fmatmul_rows_do_not_depend_on_the_batch() -> None:
+    """A row's result is bit-identical alone, first or second of a pair, or last and odd."""
+    weight = torch.randn(37, 100, generator=gen(4))
+    x = torch.randn(5, 100, generator=gen(5))
+    together = cpu_ops.fmatmul(weight, x)
+    for r in range(5):
+        assert torch.equal(cpu_ops.fmatmul(weight, x[r : r + 1])[0], together[r])
+    strided = torch.randn(5, 130, generator=gen(6))[:, :100]
+    assert torch.equal(cpu_ops.fmatmul(weight, strided), cpu_ops.fmatmul(weight, strided.clone()))
+
+
+def test_fmatmul_refuses_malformed_arguments() -> None:
+    weight = torch.randn(8, 16)
+    with pytest.raises(ValueError, match="does not match"):
+        cpu_ops.fmatmul(weight, torch.randn(2, 15))
+    with pytest.raises(ValueError, match="contiguous float32"):
+        cpu_ops.fmatmul(weight.T, torch.randn(2, 8))
+    with pytest.raises(ValueError, match="contiguous float32"):
+        cpu_ops.fmatmul(weight.bfloat16(), torch.randn(2, 16))
+    with pytest.raises(ValueError, match="bias"):
+        cpu_ops.fmatmul(weight, torch.randn(2, 16), torch.randn(7))
+
+
 # ---- the native decoder on the embedded model ----------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["int4", "int8"])
+@pytest.fixture(scope="module", params=["int4", "int8", None])  # None: float32 matrices
 def engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -198,10 +263,11 @@ def engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
 def test_native_step_equals_the_per_op_path(engine: Engine, batch: int) -> None:
     """Logits of one decode step of several requests (different lengths, scattered slots)
     are bit-identical through the native decoder and through the model op by op, and both
-    write the same K/V."""
+    write the same K/V (float32 matrices: the decoder takes 3 requests, not 40)."""
     runner = engine.scheduler.runner
     decoder = runner.native_decoder
     assert isinstance(decoder, NativeDecoder)
+    assert decoder.takes(batch) == (engine.config.quantization is not None or batch == 3)
     engine.wait_idle()
     engine.flush_cache()
     table, pool = runner.table.table, engine.pool
@@ -264,9 +330,23 @@ def test_many_threads_and_long_steps_take_the_multithreaded_path(engine: Engine)
         torch.set_num_threads(1)
 
 
-def test_float_models_are_not_native() -> None:
-    with Engine(max_total_tokens=256) as eng:
+def test_bfloat16_models_are_not_native() -> None:
+    with Engine(max_total_tokens=256, dtype="bfloat16") as eng:
         assert eng.scheduler.runner.native_decoder is None
-        assert unsupported_reason(eng.model, eng.pool) == "the output projection is not packed"
+        assert (
+            unsupported_reason(eng.model, eng.pool) == "the embeddings are not float32 on the CPU"
+        )
         with pytest.raises(ValueError, match="no native decoder"):
             NativeDecoder(eng.model, eng.pool)
+
+
+def test_float_matrices_must_all_be_fused_float32(engine: Engine) -> None:
+    if engine.config.quantization is not None:
+        pytest.skip("a float32 model's matrices")
+    attn = engine.model.model.layers[0].self_attn
+    fused, attn.qkv_weight = attn.qkv_weight, None  # an unfused layer
+    try:
+        reason = unsupported_reason(engine.model, engine.pool)
+    finally:
+        attn.qkv_weight = fused
+    assert reason == "the matrices are neither all packed nor all fused float32"

@@ -28,6 +28,7 @@ from backend.quantization import (
     BF16_GEMM,
     BF16_GEMM_MIN_ROWS,
     GROUP_SIZE,
+    QGEMM_MIN_ROWS,
     Int4Weight,
     Int8Weight,
     QuantizedLinear,
@@ -96,7 +97,8 @@ def int8_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     """x8, dx and sx ``[rows, K / 32, ...]`` as the kernels quantize activations."""
     groups = x.float().view(x.shape[0], -1, GROUP_SIZE)
     amax = groups.abs().amax(-1, keepdim=True)
-    inverse = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    # a true division (``127 / amax`` is 127 * reciprocal(amax) in torch, rounded twice)
+    inverse = torch.where(amax > 0, torch.full_like(amax, 127) / amax, torch.zeros_like(amax))
     return torch.round(groups * inverse), amax / 127, groups.sum(-1)
 
 
@@ -185,22 +187,87 @@ def test_kernel_is_exact(kernels: str, scheme: str, rows: int, dtype: torch.dtyp
     torch.testing.assert_close(linear(strided, packed, bias.to(dtype)), out)
 
 
+GEMM = "avx512-vnni"  # the kernels with the integer GEMM (cpu_ops.qgemm)
+# (N, K): 48 = a 32-column panel and a 16-column one; 98 = 96 + 2 columns through the
+# row-by-row kernel; K = 64 is one pair of q4 groups; the model's shapes.
+GEMM_SHAPES = [(48, 64), (98, 192), (960, 576), (576, 1536)]
+
+
+def gemm_case(scheme: str, rows: int, n: int, k: int) -> tuple[QuantizedWeight, torch.Tensor]:
+    """A packed matrix and activations of a wide dynamic range, an all-zero group in row 0."""
+    w = matrix(n, k, seed=rows)
+    packed = quantize_int4(w) if scheme == "int4" else quantize_int8(w)
+    x = torch.randn(rows, k, generator=gen(rows)) * torch.rand(rows, k, generator=gen(1)) * 3
+    x[0, :GROUP_SIZE] = 0
+    return packed, x
+
+
+def assert_gemm_exact(out: torch.Tensor, x: torch.Tensor, packed: QuantizedWeight) -> None:
+    """The int8 activation arithmetic up to float32 summation order (and the rounding of a
+    bfloat16 output)."""
+    ref = kernel_reference(x, packed)
+    tol = 2**-8 if out.dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
-@pytest.mark.skipif(not BF16_GEMM, reason="no oneDNN bfloat16 GEMM on this CPU")
-def test_many_rows_take_a_bfloat16_gemm(kernels: str, scheme: str) -> None:
-    """In a prefill pass, from BF16_GEMM_MIN_ROWS rows, the matrix is dequantized natively
-    to bfloat16 (exactly the rounded dequantize()) and multiplied with bfloat16 activations;
-    decode rows always take the integer kernel, whatever their number."""
+@pytest.mark.parametrize("rows", [1, 15, 16, 17, 53, 80, 257])
+@pytest.mark.parametrize(("n", "k"), GEMM_SHAPES)
+def test_integer_gemm_is_exact(kernels: str, scheme: str, rows: int, n: int, k: int) -> None:
+    """With avx512-vnni kernels, qgemm computes the int8 activation arithmetic exactly (up to
+    float summation order) for row counts around its 4-row tiles and columns around its
+    16-column strips, and a row's result does not depend on the other rows; other kernels
+    have no GEMM (None)."""
+    packed, x = gemm_case(scheme, rows, n, k)
+    out = cpu_ops.qgemm(*packed.packed_parts, x)
+    if kernels != GEMM:
+        assert out is None
+        return
+    assert out is not None and out.shape == (rows, n) and out.dtype == torch.float32
+    assert_gemm_exact(out, x, packed)
+    last = cpu_ops.qgemm(*packed.packed_parts, x[-1:])
+    assert last is not None and torch.equal(last, out[-1:])
+    half = cpu_ops.qgemm(*packed.packed_parts, x.bfloat16())
+    assert half is not None and half.dtype == torch.bfloat16
+    assert_gemm_exact(half, x.bfloat16(), packed)
+
+
+@pytest.mark.skipif(GEMM not in KERNELS, reason="no AVX-512 VNNI on this CPU")
+def test_integer_gemm_of_the_output_projection() -> None:
+    """The int8 [49152, 576] output projection of SmolLM2 (49152 = 1536 32-column panels)."""
+    packed, x = gemm_case("int8", 17, 49152, 576)
+    out = cpu_ops.qgemm(*packed.packed_parts, x)
+    assert out is not None
+    assert_gemm_exact(out, x, packed)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_prefill_rows_take_a_gemm(kernels: str, scheme: str) -> None:
+    """In a prefill pass, from QGEMM_MIN_ROWS rows, the integer GEMM where the kernels have
+    it; else, from BF16_GEMM_MIN_ROWS rows (with oneDNN bfloat16 GEMMs), the matrix
+    dequantized natively to bfloat16 (exactly the rounded dequantize()) times bfloat16
+    activations. Decode rows always take the row-by-row kernel, whatever their number."""
     w = matrix(40, 128)
     packed = quantize_int4(w) if scheme == "int4" else quantize_int8(w)
     assert torch.equal(packed.dequantize_bf16(), packed.dequantize().bfloat16())
     assert torch.equal(packed.dequantize_bf16(scratch=True), packed.dequantize().bfloat16())
     x = torch.randn(BF16_GEMM_MIN_ROWS, 128, generator=gen(3))
     bias = torch.randn(40, generator=gen(4))
-    expected = F.linear(x.bfloat16(), packed.dequantize().bfloat16()).float() + bias
-    torch.testing.assert_close(linear(x, packed, bias, prefill=True), expected, rtol=0, atol=0)
     integer = kernel_reference(x, packed) + bias.double()
-    torch.testing.assert_close(linear(x, packed, bias).double(), integer, rtol=1e-5, atol=1e-5)
+    prefill = linear(x, packed, bias, prefill=True)
+    if kernels == GEMM:
+        gemm = cpu_ops.qgemm(*packed.packed_parts, x)
+        assert gemm is not None and torch.equal(prefill, gemm + bias)
+        few = x[: QGEMM_MIN_ROWS - 1]
+        torch.testing.assert_close(linear(few, packed, prefill=True), linear(few, packed))
+    elif BF16_GEMM:
+        expected = F.linear(x.bfloat16(), packed.dequantize().bfloat16()).float() + bias
+        torch.testing.assert_close(prefill, expected, rtol=0, atol=0)
+    else:
+        torch.testing.assert_close(prefill.double(), integer, rtol=1e-5, atol=1e-5)
+    decode = linear(x, packed, bias)
+    torch.testing.assert_close(decode.double(), integer, rtol=1e-5, atol=1e-5)
+    assert torch.equal(linear(x[:1], packed, bias), decode[:1])  # whatever the batch
 
 
 def test_other_activation_dtypes_go_through_float32() -> None:

@@ -117,8 +117,11 @@ class Attention(nn.Module):
         self.qkv_bias: torch.Tensor | None = None
 
     def fuse(self) -> None:
-        """Concatenate the q, k and v projections into one matrix (one GEMM per layer)."""
-        self.qkv_weight, self.qkv_bias = _fuse_linears((self.q_proj, self.k_proj, self.v_proj))
+        """Concatenate the q, k and v projections into one matrix (one GEMM per layer);
+        nothing when already fused."""
+        if self.qkv_weight is None:
+            projs = (self.q_proj, self.k_proj, self.v_proj)
+            self.qkv_weight, self.qkv_bias = _fuse_linears(projs)
 
     def _project_qkv(
         self, x: torch.Tensor, rotary: Rotary, prefill: bool = False
@@ -163,8 +166,11 @@ class MLP(nn.Module):
         self.gate_up_bias: torch.Tensor | None = None
 
     def fuse(self) -> None:
-        """Concatenate the gate and up projections into one matrix (one GEMM)."""
-        self.gate_up_weight, self.gate_up_bias = _fuse_linears((self.gate_proj, self.up_proj))
+        """Concatenate the gate and up projections into one matrix (one GEMM); nothing when
+        already fused."""
+        if self.gate_up_weight is None:
+            projs = (self.gate_proj, self.up_proj)
+            self.gate_up_weight, self.gate_up_bias = _fuse_linears(projs)
 
     def forward(self, x: torch.Tensor, prefill: bool = False) -> torch.Tensor:
         if self.gate_up_weight is None:
