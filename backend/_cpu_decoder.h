@@ -1,6 +1,6 @@
 /*
  * One decode step of a quantized or float32 Llama-family model in one call (part of
- * backend._cpu_ops, included by _cpu_ops.c after _cpu_float.h and _cpu_quant.h).
+ * backend._cpu_ops, included by _cpu_ops.c after _cpu_quant.h and _cpu_float.h).
  *
  * Why: with the layer ops native and the matrices packed, what remains of a small model's
  * decode step in Python is ~10 calls per layer (wrappers, allocations, dispatch), about a
@@ -179,7 +179,7 @@ static void decoder_matrix(const QMatrix *m, const float *x, Py_ssize_t batch, f
                            Py_ssize_t out_stride, Activations *quant)
 {
     if (m->kind == QF32)
-        fmatrix_rows(m->weights, m->n, m->k, m->bias, x, batch, out, DT_F32, out_stride);
+        fmatrix_kernel()(m->weights, m->n, m->k, m->bias, x, batch, out, DT_F32, out_stride);
     else
         qmatrix_apply(m, x, DT_F32, m->k, batch, out, DT_F32, out_stride, quant);
 }

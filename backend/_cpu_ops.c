@@ -582,8 +582,8 @@ static PyObject *decode_attention(PyObject *self, PyObject *const *args, Py_ssiz
     Py_RETURN_NONE;
 }
 
-#include "_cpu_float.h"
 #include "_cpu_quant.h"
+#include "_cpu_float.h"
 #include "_cpu_decoder.h"
 
 static PyMethodDef methods[] = {

@@ -207,12 +207,24 @@ def test_decode_attention_refuses_bad_indices_before_writing() -> None:
 
 # ---- float32 GEMV ---------------------------------------------------------------------------
 
+KERNEL_LEVELS = cpu_ops.quant_kernels()[1]  # the float32 GEMV follows the active level
+
+
+@pytest.fixture(params=KERNEL_LEVELS)
+def kernels(request: pytest.FixtureRequest) -> Iterator[str]:
+    cpu_ops.quant_kernels(request.param)
+    yield request.param
+    cpu_ops.quant_kernels("best")
+
 
 @pytest.mark.parametrize("x_dtype", DTYPES)
-@pytest.mark.parametrize(("n", "k"), [(960, 576), (7, 13), (4, 8), (5, 1537)])
-def test_fmatmul_matches_a_float64_reference(x_dtype: torch.dtype, n: int, k: int) -> None:
-    """Every row count (pairs and a last single row), short last weight tiles (n % 4) and a
-    k % 8 tail; the bias; bfloat16 activations are converted, the output is in their dtype."""
+@pytest.mark.parametrize(("n", "k"), [(960, 576), (7, 13), (4, 8), (5, 1537), (6, 32)])
+def test_fmatmul_matches_a_float64_reference(
+    kernels: str, x_dtype: torch.dtype, n: int, k: int
+) -> None:
+    """Every row count (pairs and a last single row), short last weight tiles (n % 4), k % 8
+    and k % 16 tails; the bias; bfloat16 activations are converted, the output is in their
+    dtype."""
     weight = torch.randn(n, k, generator=gen(1))
     bias = torch.randn(n, generator=gen(2))
     x = torch.randn(9, k, generator=gen(3)).to(x_dtype)
@@ -224,7 +236,7 @@ def test_fmatmul_matches_a_float64_reference(x_dtype: torch.dtype, n: int, k: in
             torch.testing.assert_close(got.double(), ref.to(x_dtype).double(), **close(x_dtype))
 
 
-def test_fmatmul_rows_do_not_depend_on_the_batch() -> None:
+def test_fmatmul_rows_do_not_depend_on_the_batch(kernels: str) -> None:
     """A row's result is bit-identical alone, first or second of a pair, or last and odd."""
     weight = torch.randn(37, 100, generator=gen(4))
     x = torch.randn(5, 100, generator=gen(5))
