@@ -372,15 +372,17 @@ class Scheduler:
         Borrowing works because every attention backend writes the K/V of all of a pass's
         new tokens before any request of the pass attends (``AttentionBackend``): the
         borrower attends to the lender's new positions as to a cached prefix. Only lenders
-        that compute their own range are considered, and the borrower keeps at least one
-        token (and every position ``_prefix_limit`` leaves out of the cache) to compute.
+        that compute their own range are considered, only positions they compute in this
+        pass are borrowed (their earlier ones may be theirs alone, not the cache's: decoded
+        tokens of a request that jumped forward), and the borrower keeps at least one token
+        (and every position ``_prefix_limit`` leaves out of the cache) to compute.
         """
         best, best_len = None, 0
         if self.cache.disable:
             return best, best_len
         cap = min(limit, len(fill) - 1)
         for other in self.prefilling:
-            if other.borrowed_slots:
+            if other.borrowed_slots or other.num_kv > start:  # only the other's new positions
                 continue
             theirs = other.fill_ids
             end = min(cap, other.num_kv + other.pending_slots)
