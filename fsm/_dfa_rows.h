@@ -10,7 +10,8 @@
  * of discovery). Entries not computed yet hold ROW_UNKNOWN. So a token walk that skips most
  * bytes of a state (see _trie_masks.h) never derives by them, and a new state costs a few
  * words (one per class), not 256. The successors are kept in blocks of SUCC_BLOCK entries
- * allocated as states appear, so they never move or are copied.
+ * allocated as states appear (from the buffer pool of _native.c), so they never move or are
+ * copied.
  *
  * Included once by _native.c, after _terms.h.
  */
@@ -53,18 +54,16 @@ static void map_insert(int32_t *keys, int32_t *vals, Py_ssize_t cap, int32_t key
 
 static int map_grow(DfaRowsObject *d) {
     Py_ssize_t cap = d->map_cap ? 2 * d->map_cap : 256;
-    int32_t *keys = PyMem_Malloc((size_t)cap * sizeof(int32_t));
-    int32_t *vals = PyMem_Malloc((size_t)cap * sizeof(int32_t));
-    if (keys == NULL || vals == NULL) {
-        PyMem_Free(keys);
-        PyMem_Free(vals);
-        PyErr_NoMemory();
+    int32_t *keys = pool_alloc((size_t)cap * sizeof(int32_t));
+    int32_t *vals = keys == NULL ? NULL : pool_alloc((size_t)cap * sizeof(int32_t));
+    if (vals == NULL) {
+        pool_free(keys, (size_t)cap * sizeof(int32_t));
         return -1;
     }
     memset(keys, 0xFF, (size_t)cap * sizeof(int32_t));
     for (Py_ssize_t q = 0; q < d->n_states; q++) map_insert(keys, vals, cap, d->terms[q], (int32_t)q);
-    PyMem_Free(d->map_keys);
-    PyMem_Free(d->map_vals);
+    pool_free(d->map_keys, (size_t)d->map_cap * sizeof(int32_t));
+    pool_free(d->map_vals, (size_t)d->map_cap * sizeof(int32_t));
     d->map_keys = keys;
     d->map_vals = vals;
     d->map_cap = cap;
@@ -91,11 +90,8 @@ static int32_t *rows_take(DfaRowsObject *d, int32_t n) {
                           sizeof(int32_t *)) < 0) {
             return NULL;
         }
-        int32_t *block = PyMem_Malloc(SUCC_BLOCK * sizeof(int32_t));
-        if (block == NULL) {
-            PyErr_NoMemory();
-            return NULL;
-        }
+        int32_t *block = pool_alloc(SUCC_BLOCK * sizeof(int32_t));
+        if (block == NULL) return NULL;
         d->blocks[d->n_blocks++] = block;
         d->block_used = 0;
     }
@@ -225,13 +221,15 @@ static PyObject *rows_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) 
 static void rows_dealloc(PyObject *self) {
     DfaRowsObject *d = (DfaRowsObject *)self;
     Py_XDECREF(d->store);
-    for (Py_ssize_t k = 0; k < d->n_blocks; k++) PyMem_Free(d->blocks[k]);
-    PyMem_Free(d->blocks);
-    PyMem_Free(d->terms);
-    PyMem_Free(d->rows);
-    PyMem_Free(d->map_keys);
-    PyMem_Free(d->map_vals);
-    PyMem_Free(d->loop_flags);
+    for (Py_ssize_t k = 0; k < d->n_blocks; k++) {
+        pool_free(d->blocks[k], SUCC_BLOCK * sizeof(int32_t));
+    }
+    release_items(d->blocks, d->cap_blocks, sizeof(int32_t *));
+    release_items(d->terms, d->cap_states, sizeof(int32_t));
+    release_items(d->rows, d->cap_rows, sizeof(StateRow));
+    pool_free(d->map_keys, (size_t)d->map_cap * sizeof(int32_t));
+    pool_free(d->map_vals, (size_t)d->map_cap * sizeof(int32_t));
+    release_items(d->loop_flags, d->loop_flags_cap, 1);
     Py_TYPE(self)->tp_free(self);
 }
 

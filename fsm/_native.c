@@ -3,7 +3,8 @@
  *   - _terms.h: TermStore, the hash-consed terms with derivatives (fsm.terms);
  *   - _dfa_rows.h: DfaRows, a lazy DFA over those terms (fsm.dfa);
  *   - this file: token-trie walks over a caller's DFA table (fill_mask, walk_bytes; the
- *     reference walk, described below), and the shared walk helpers;
+ *     reference walk, described below), the shared walk helpers, and the buffer pool that
+ *     masks and DFA rows take their large buffers from (MaskBlock);
  *   - _trie_masks.h: TrieMasks, the token masks of DfaRows states (fsm.token_trie), which
  *     reach the plain walk's result with skips.
  *
@@ -44,6 +45,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #define ALPHABET 256
 #define ROW_OK 1
@@ -80,6 +82,169 @@ static int get_buffer(PyObject *obj, Py_buffer *view, const char *name, Py_ssize
 }
 
 static Py_ssize_t items(const Py_buffer *view) { return view->len / view->itemsize; }
+
+/*
+ * The buffer pool: the large buffers a first visit writes (token masks, DFA rows and
+ * successor blocks, a store's term arrays, partitions) come from memory that is already
+ * mapped and touched, and go back to the pool when freed.
+ *
+ * A page fault costs a few microseconds on a loaded machine, and a first visit used to take
+ * several: malloc returns the buffers of a dropped guide to the system (it trims its heap or
+ * unmaps them), so the next guide faulted every page of its masks and rows in again.
+ * Here a buffer is a whole number of POOL_PAGE pages carved from a POOL_CHUNK chunk, or a
+ * whole number of chunks (up to POOL_BIG). Chunks are mapped at a chunk boundary and advised
+ * as transparent huge pages where the kernel offers them (touching one then faults once); a
+ * chunk to carve is touched when mapped, a buffer of several chunks (mostly a store's arrays,
+ * grown while compiling) as it is used. A freed buffer goes on the free list of its size
+ * (linked through its first word) and is reused before new memory is mapped. Page-sized
+ * buffers are never returned: the pool holds the most of them ever in use at once; of each
+ * chunk-sized size at most POOL_BIG_KEEP free buffers are kept. Larger buffers are plain
+ * allocations. The GIL guards the pool.
+ */
+
+#define POOL_PAGE ((size_t)4096)
+#define POOL_CHUNK ((size_t)2 << 20)
+#define POOL_BIG 32     /* buffers of up to this many chunks are pooled */
+#define POOL_BIG_KEEP 4 /* free buffers kept per chunk-sized size */
+
+static struct {
+    void *free[POOL_CHUNK / POOL_PAGE + 1]; /* by size in pages: freed buffers */
+    void *big[POOL_BIG + 1];                /* by size in chunks: freed buffers */
+    int big_kept[POOL_BIG + 1];             /* the length of each `big` list */
+    char *carve;                            /* the rest of the newest chunk */
+    size_t carve_left;
+} pool;
+
+static size_t pool_size(size_t n) { return (n + POOL_PAGE - 1) & ~(POOL_PAGE - 1); }
+
+static size_t pool_chunks(size_t n) { return (n + POOL_CHUNK - 1) / POOL_CHUNK; }
+
+/* Push buf on the free list `*list` (linked through its first word). */
+static void pool_push(void **list, void *buf) {
+    *(void **)buf = *list;
+    *list = buf;
+}
+
+/* Pop a buffer from the free list `*list`, or NULL when it is empty. */
+static void *pool_pop(void **list) {
+    void *buf = *list;
+    if (buf != NULL) *list = *(void **)buf;
+    return buf;
+}
+
+/* `chunks` new chunks in a row, touched if `touch`; NULL with MemoryError. */
+static char *pool_map(size_t chunks, int touch) {
+    size_t len = chunks * POOL_CHUNK, span = len + POOL_CHUNK;
+    char *raw = mmap(NULL, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (raw == MAP_FAILED) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    char *start = (char *)(((uintptr_t)raw + POOL_CHUNK - 1) & ~(uintptr_t)(POOL_CHUNK - 1));
+    if (start > raw) munmap(raw, (size_t)(start - raw));
+    if (raw + span > start + len) munmap(start + len, (size_t)(raw + span - (start + len)));
+#ifdef MADV_HUGEPAGE
+    madvise(start, len, MADV_HUGEPAGE); /* a hint: without it, 4 KB pages */
+#endif
+    for (size_t k = 0; touch && k < len; k += POOL_PAGE) ((volatile char *)start)[k] = 0;
+    return start;
+}
+
+/* A buffer of at least n bytes (n > 0), to be given back with pool_free(buf, n); NULL with
+ * MemoryError. Its content is unspecified. */
+static void *pool_alloc(size_t n) {
+    size_t size = pool_size(n), chunks = pool_chunks(n);
+    if (chunks > POOL_BIG) {
+        void *buf = PyMem_RawMalloc(n);
+        if (buf == NULL) PyErr_NoMemory();
+        return buf;
+    }
+    if (size > POOL_CHUNK) {
+        void *buf = pool_pop(&pool.big[chunks]);
+        if (buf == NULL) return pool_map(chunks, 0);
+        pool.big_kept[chunks]--;
+        return buf;
+    }
+    void *buf = pool_pop(&pool.free[size / POOL_PAGE]);
+    if (buf != NULL) return buf;
+    if (pool.carve_left < size) {
+        char *chunk = pool_map(1, 1);
+        if (chunk == NULL) return NULL;
+        if (pool.carve_left > 0) pool_push(&pool.free[pool.carve_left / POOL_PAGE], pool.carve);
+        pool.carve = chunk;
+        pool.carve_left = POOL_CHUNK;
+    }
+    buf = pool.carve;
+    pool.carve += size;
+    pool.carve_left -= size;
+    return buf;
+}
+
+/* Give back a buffer of pool_alloc(n) (NULL: nothing). */
+static void pool_free(void *buf, size_t n) {
+    size_t size = pool_size(n), chunks = pool_chunks(n);
+    if (buf == NULL) return;
+    if (chunks > POOL_BIG) {
+        PyMem_RawFree(buf);
+    } else if (size <= POOL_CHUNK) {
+        pool_push(&pool.free[size / POOL_PAGE], buf);
+    } else if (pool.big_kept[chunks] >= POOL_BIG_KEEP) {
+        munmap(buf, chunks * POOL_CHUNK);
+    } else {
+        pool_push(&pool.big[chunks], buf);
+        pool.big_kept[chunks]++;
+    }
+}
+
+/* MaskBlock(nbytes): a writable buffer of nbytes bytes (unspecified content) from the pool,
+ * given back when the block and every view of it are gone. */
+typedef struct {
+    PyObject_HEAD
+    void *buf;
+    Py_ssize_t len;
+} MaskBlockObject;
+
+static PyObject *block_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"nbytes", NULL};
+    Py_ssize_t len;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "n:MaskBlock", kwlist, &len)) return NULL;
+    if (len < 1) {
+        PyErr_SetString(PyExc_ValueError, "MaskBlock: nbytes must be >= 1");
+        return NULL;
+    }
+    MaskBlockObject *m = (MaskBlockObject *)type->tp_alloc(type, 0);
+    if (m == NULL) return NULL;
+    if ((m->buf = pool_alloc((size_t)len)) == NULL) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    m->len = len;
+    return (PyObject *)m;
+}
+
+static void block_dealloc(PyObject *self) {
+    MaskBlockObject *m = (MaskBlockObject *)self;
+    pool_free(m->buf, (size_t)m->len);
+    Py_TYPE(self)->tp_free(self);
+}
+
+static int block_getbuffer(PyObject *self, Py_buffer *view, int flags) {
+    MaskBlockObject *m = (MaskBlockObject *)self;
+    return PyBuffer_FillInfo(view, self, m->buf, m->len, 0, flags);
+}
+
+static PyBufferProcs block_as_buffer = {.bf_getbuffer = block_getbuffer};
+
+static PyTypeObject MaskBlockType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "fsm._native.MaskBlock",
+    .tp_basicsize = sizeof(MaskBlockObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "MaskBlock(nbytes): a writable buffer from fsm's pool of pre-faulted memory "
+              "(see fsm/_native.c), returned to the pool when the block and its views are gone.",
+    .tp_new = block_new,
+    .tp_dealloc = block_dealloc,
+    .tp_as_buffer = &block_as_buffer,
+};
 
 #include "_terms.h"
 #include "_dfa_rows.h"
@@ -430,7 +595,7 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__native(void) {
     if (PyType_Ready(&TermStoreType) < 0 || PyType_Ready(&DfaRowsType) < 0 ||
-        PyType_Ready(&TrieMasksType) < 0) {
+        PyType_Ready(&TrieMasksType) < 0 || PyType_Ready(&MaskBlockType) < 0) {
         return NULL;
     }
     PyObject *m = PyModule_Create(&module);
@@ -439,7 +604,8 @@ PyMODINIT_FUNC PyInit__native(void) {
     }
     if (PyModule_AddObjectRef(m, "TermStore", (PyObject *)&TermStoreType) < 0 ||
         PyModule_AddObjectRef(m, "DfaRows", (PyObject *)&DfaRowsType) < 0 ||
-        PyModule_AddObjectRef(m, "TrieMasks", (PyObject *)&TrieMasksType) < 0) {
+        PyModule_AddObjectRef(m, "TrieMasks", (PyObject *)&TrieMasksType) < 0 ||
+        PyModule_AddObjectRef(m, "MaskBlock", (PyObject *)&MaskBlockType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

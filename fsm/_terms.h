@@ -86,6 +86,7 @@ typedef struct {
     int32_t derivs; /* offset of the term's derivative slots (one per class) in `derivs` */
     uint16_t safe[SAFE_SLOTS]; /* t_safe results per slice slot, SAFE_UNKNOWN until known */
     uint16_t safe_epoch;       /* `safe` holds results only while this is the store's epoch */
+    uint8_t completes;         /* completes_on results per slot: bit 2j known, 2j + 1 yes */
 } Term;
 
 _Static_assert(sizeof(Term) <= 64, "a term fits in a cache line");
@@ -123,19 +124,24 @@ static int idvec_push(IdVec *x, int32_t id) {
     return 0;
 }
 
-/* Grow `*buf` (of `*cap` items of `size` bytes) to hold at least `need` items. */
+/* Grow `*buf` (of `*cap` items of `size` bytes, from the buffer pool; NULL when *cap is 0) to
+ * hold at least `need` items: 0, or -1 with MemoryError. Free it with release_items. */
 static int reserve_items(void **buf, Py_ssize_t *cap, Py_ssize_t need, size_t size) {
     if (need <= *cap) return 0;
     Py_ssize_t new_cap = *cap ? *cap : 64;
     while (new_cap < need) new_cap *= 2;
-    void *grown = PyMem_Realloc(*buf, (size_t)new_cap * size);
-    if (grown == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
+    void *grown = pool_alloc((size_t)new_cap * size);
+    if (grown == NULL) return -1;
+    if (*cap) memcpy(grown, *buf, (size_t)*cap * size);
+    pool_free(*buf, (size_t)*cap * size);
     *buf = grown;
     *cap = new_cap;
     return 0;
+}
+
+/* Free a buffer of reserve_items (NULL: nothing). */
+static void release_items(void *buf, Py_ssize_t cap, size_t size) {
+    if (buf != NULL) pool_free(buf, (size_t)cap * size);
 }
 
 /* A partition of the 256 bytes into derivative classes. */
@@ -176,13 +182,15 @@ static Partitions *current_partitions; /* the table new stores share (NULL: none
 
 static void partitions_release(Partitions *p) {
     if (p == NULL || --p->refs > 0) return;
-    for (Py_ssize_t k = 0; k < p->n_part_chunks; k++) PyMem_Free(p->part_chunks[k]);
-    PyMem_Free(p->part_chunks);
-    PyMem_Free(p->class_masks);
+    for (Py_ssize_t k = 0; k < p->n_part_chunks; k++) {
+        pool_free(p->part_chunks[k], PARTS_PER_CHUNK * sizeof(Partition));
+    }
+    release_items(p->part_chunks, p->cap_part_chunks, sizeof(Partition *));
+    release_items(p->class_masks, p->cap_class_masks, sizeof(Bits256));
     PyMem_Free(p->part_intern);
     PyMem_Free(p->pair_keys);
     PyMem_Free(p->pair_vals);
-    PyMem_Free(p->scratch);
+    release_items(p->scratch, p->scratch_cap, sizeof(Bits256));
     PyMem_Free(p);
 }
 
@@ -278,18 +286,15 @@ static int term_equals(const TermStoreObject *s, int32_t id, uint8_t kind, int32
 }
 
 static int intern_rehash(TermStoreObject *s, Py_ssize_t cap) {
-    int32_t *table = PyMem_Malloc((size_t)cap * sizeof(int32_t));
-    if (table == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
+    int32_t *table = pool_alloc((size_t)cap * sizeof(int32_t));
+    if (table == NULL) return -1;
     memset(table, 0xFF, (size_t)cap * sizeof(int32_t));
     for (Py_ssize_t id = 0; id < s->n_terms; id++) {
         Py_ssize_t k = (Py_ssize_t)(s->terms[id].hash & (uint64_t)(cap - 1));
         while (table[k] >= 0) k = (k + 1) & (cap - 1);
         table[k] = (int32_t)id;
     }
-    PyMem_Free(s->intern);
+    if (s->intern != NULL) pool_free(s->intern, (size_t)s->intern_cap * sizeof(int32_t));
     s->intern = table;
     s->intern_cap = cap;
     return 0;
@@ -663,11 +668,8 @@ static int part_chunk_add(Partitions *pt) {
                       sizeof(Partition *)) < 0) {
         return -1;
     }
-    Partition *chunk = PyMem_Malloc(PARTS_PER_CHUNK * sizeof(Partition));
-    if (chunk == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
+    Partition *chunk = pool_alloc(PARTS_PER_CHUNK * sizeof(Partition));
+    if (chunk == NULL) return -1;
     pt->part_chunks[pt->n_part_chunks++] = chunk;
     return 0;
 }
@@ -1194,8 +1196,35 @@ static int completes_form(TermStoreObject *s, int32_t x, const Utf8Form *f, int 
     return 1;
 }
 
-/* Whether every character of the slice L, alone, is a whole string of x. */
-static int completes_on(TermStoreObject *s, int32_t x, const Slice *L) {
+/* Term t's t_safe caches (`safe`, `completes`), cleared first if they hold the results of a
+ * forgotten epoch. */
+static Term *safe_cache(TermStoreObject *s, int32_t t) {
+    Term *y = &s->terms[t];
+    if (y->safe_epoch != s->safe_epoch) {
+        for (int j = 0; j < SAFE_SLOTS; j++) y->safe[j] = SAFE_UNKNOWN;
+        y->completes = 0;
+        y->safe_epoch = s->safe_epoch;
+    }
+    return y;
+}
+
+static int completes_on_slice(TermStoreObject *s, int32_t x, const Slice *L);
+
+/* Whether every character of the slice L (of t_safe's slot `slot`), alone, is a whole string
+ * of x: 1, 0, or -1 on error. Cached per term and slot: x is typically the character term of
+ * a string, met again in every state of that string. */
+static int completes_on(TermStoreObject *s, int32_t x, int slot, const Slice *L) {
+    const Term *known = &s->terms[x];
+    if (known->safe_epoch == s->safe_epoch && (known->completes >> (2 * slot) & 1)) {
+        return known->completes >> (2 * slot + 1) & 1;
+    }
+    int r = completes_on_slice(s, x, L);
+    if (r >= 0) safe_cache(s, x)->completes |= (uint8_t)((1 | r << 1) << (2 * slot));
+    return r;
+}
+
+/* completes_on, computed. */
+static int completes_on_slice(TermStoreObject *s, int32_t x, const Slice *L) {
     if (ensure_classes(s, x) < 0) return -1;
     for (int32_t k = 0; k < partition_of(s, x)->n; k++) {
         Bits256 part = bits_and(class_mask(s, x, k), &L->bytes);
@@ -1225,7 +1254,7 @@ static int finite_plain(TermStoreObject *s, int32_t t) {
  * range (A B holds A), a union with a member of such a range (the widest), or an
  * intersection of terms of such ranges with max(lo) <= min(hi). *hi = NO_HI when unbounded.
  * 1 yes, 0 no, -1 on error. */
-static int complete_range(TermStoreObject *s, int32_t t, const Slice *L, int64_t *lo,
+static int complete_range(TermStoreObject *s, int32_t t, int slot, const Slice *L, int64_t *lo,
                           int64_t *hi) {
     Term x = s->terms[t];
     if (x.kind == K_BYTES) { /* [1, 1] if it holds every character of L */
@@ -1234,13 +1263,13 @@ static int complete_range(TermStoreObject *s, int32_t t, const Slice *L, int64_t
         return !L->utf8 && bits_eq(&in, &L->bytes);
     }
     if (x.kind == K_REPEAT) {
-        int complete = completes_on(s, x.a, L);
+        int complete = completes_on(s, x.a, slot, L);
         *lo = x.lo;
         *hi = x.hi;
         return complete;
     }
     if (x.kind == K_CONCAT) {
-        return s->terms[x.b].nullable ? complete_range(s, x.a, L, lo, hi) : 0;
+        return s->terms[x.b].nullable ? complete_range(s, x.a, slot, L, lo, hi) : 0;
     }
     if (x.kind != K_AND && x.kind != K_ALT) return 0;
     if (enter(s) < 0) return -1;
@@ -1249,7 +1278,7 @@ static int complete_range(TermStoreObject *s, int32_t t, const Slice *L, int64_t
     *hi = NO_HI;
     for (int32_t k = 0; k < x.b && status > 0; k++) {
         int64_t ulo, uhi;
-        int complete = complete_range(s, s->members[x.a + k], L, &ulo, &uhi);
+        int complete = complete_range(s, s->members[x.a + k], slot, L, &ulo, &uhi);
         if (complete < 0) {
             status = -1;
         } else if (x.kind == K_AND) { /* every member, on the common lengths */
@@ -1355,7 +1384,7 @@ static int safe_and_shared_tail(TermStoreObject *s, const Term *x, int slot, con
         tail = u->b;
         int32_t head = u->a; /* u may move: complete_range can add terms */
         int64_t ulo, uhi;
-        int complete = complete_range(s, head, L, &ulo, &uhi);
+        int complete = complete_range(s, head, slot, L, &ulo, &uhi);
         if (complete <= 0) return complete < 0 ? -1 : SAFE_NONE;
         if (ulo > lo) lo = ulo;
         if (uhi != NO_HI && (hi == NO_HI || uhi < hi)) hi = uhi;
@@ -1369,7 +1398,7 @@ static int safe_and_shared_tail(TermStoreObject *s, const Term *x, int slot, con
 
 static int safe_and(TermStoreObject *s, const Term *x, int32_t t, int slot, const Slice *L) {
     int64_t lo, hi;
-    int complete = complete_range(s, t, L, &lo, &hi);
+    int complete = complete_range(s, t, slot, L, &lo, &hi);
     if (complete != 0) {
         return complete < 0 ? -1 : hi == NO_HI ? SAFE_ALL | SAFE_INFINITE : safe_length(hi);
     }
@@ -1419,7 +1448,7 @@ static int safe_concat(TermStoreObject *s, const Term *x, int slot, const Slice 
         if ((r & 0xFF) == SAFE_ALL) return r;
     }
     int64_t lo, hi;
-    int complete = complete_range(s, x->a, L, &lo, &hi);
+    int complete = complete_range(s, x->a, slot, L, &lo, &hi);
     if (complete < 0) return -1;
     int nullable = s->terms[x->a].nullable;
     if (!(complete && hi != NO_HI) && !nullable) return r;
@@ -1435,7 +1464,7 @@ static int safe_concat(TermStoreObject *s, const Term *x, int slot, const Slice 
 }
 
 static int safe_repeat(TermStoreObject *s, const Term *x, int slot, const Slice *L) {
-    int complete = completes_on(s, x->a, L);
+    int complete = completes_on(s, x->a, slot, L);
     if (complete != 0) {
         return complete < 0 ? -1 : x->hi == NO_HI ? SAFE_ALL | SAFE_INFINITE : safe_length(x->hi);
     }
@@ -1485,12 +1514,7 @@ static int t_safe_slot(TermStoreObject *s, int32_t t, int slot, const Slice *L) 
         r = nonempty < 0 ? -1 : nonempty ? 0 : SAFE_NONE;
     }
     if (r < 0) return -1;
-    Term *y = &s->terms[t];
-    if (y->safe_epoch != s->safe_epoch) { /* results of a forgotten epoch */
-        for (int j = 0; j < SAFE_SLOTS; j++) y->safe[j] = SAFE_UNKNOWN;
-        y->safe_epoch = s->safe_epoch;
-    }
-    y->safe[slot] = (uint16_t)r;
+    safe_cache(s, t)->safe[slot] = (uint16_t)r;
     return r;
 }
 
@@ -1506,6 +1530,7 @@ static int t_safe(TermStoreObject *s, int32_t t, const Slice *L) {
         if (++s->safe_epoch == 0) { /* the epochs wrapped: clear the results for real */
             for (Py_ssize_t k = 0; k < s->n_terms; k++) {
                 for (int j = 0; j < SAFE_SLOTS; j++) s->terms[k].safe[j] = SAFE_UNKNOWN;
+                s->terms[k].completes = 0;
                 s->terms[k].safe_epoch = 0;
             }
         }
@@ -1657,11 +1682,11 @@ static int store_init(PyObject *self, PyObject *args, PyObject *kwargs) {
 
 static void store_dealloc(PyObject *self) {
     TermStoreObject *s = (TermStoreObject *)self;
-    PyMem_Free(s->terms);
-    PyMem_Free(s->masks);
-    PyMem_Free(s->members);
-    PyMem_Free(s->derivs);
-    PyMem_Free(s->intern);
+    release_items(s->terms, s->cap_terms, sizeof(Term));
+    release_items(s->masks, s->cap_masks, sizeof(Bits256));
+    release_items(s->members, s->cap_members, sizeof(int32_t));
+    release_items(s->derivs, s->cap_derivs, sizeof(int32_t));
+    if (s->intern != NULL) pool_free(s->intern, (size_t)s->intern_cap * sizeof(int32_t));
     partitions_release(s->pt);
     Py_TYPE(self)->tp_free(self);
 }

@@ -12,9 +12,12 @@
  *
  * The mask of state q is the plain walk's (fill_mask: the tokens whose bytes lead to a live
  * state), computed by a walk that may start with the L-tokens set and skip covered subtrees.
- * choose_loop picks the slice and how the walk uses it (a LoopPlan), deriving q by one wide
- * ASCII class (one with many bytes and at least `min_nodes` root nodes), whose successor is
- * s, and s by one byte of that class:
+ * choose_loop picks the slice and how the walk uses it (a LoopPlan). It first tries L = the
+ * unescaped ASCII characters of a JSON string when each of them can start a string of q (as
+ * inside a string or key): if t_safe proves their UTF-8 slice for every token length (see
+ * "proved"), that is the plan, and q is not derived at all. Otherwise it derives q by one
+ * wide ASCII class (one with many bytes and at least `min_nodes` root nodes), whose successor
+ * is s, and s by one byte of that class:
  *   - q loops on the class L (s == q): every L-token leads back to q; or s loops on its own
  *     class of that byte, which is then L; or else L is the class of q (the bytes leading to s);
  *   - proved: t_safe(q's term, slice) shows that every string of the slice of at most
@@ -280,12 +283,39 @@ static int proved_plan(TrieMasksObject *T, DfaRowsObject *d, int32_t q, const Bi
     return (plan->slot = loop_lookup(T, &slice)) == NULL ? -1 : 0;
 }
 
-/* The slice to walk with and how (see the header): 0, or -1 with an exception set. Only the
- * entries of q for a wide class and of its successor for one byte are computed here (and
- * q's for the successor's loops when the walk must verify them). */
+/* Into *out, the bytes that may start a string of state q's term (first_of): every other
+ * byte leads from q to STATE_DEAD. 0, or -1 with an exception set. */
+static int state_first(DfaRowsObject *d, int32_t q, Bits256 *out) {
+    const TermStoreObject *s = d->store;
+    int32_t f = first_of(d->store, d->terms[q]);
+    if (f < 0) return -1;
+    *out = f == T_EMPTY ? (Bits256){{0, 0, 0, 0}} : s->masks[s->terms[f].a];
+    return 0;
+}
+
+/* The ASCII characters a JSON string holds unescaped (0x20-0x7E but the quote and the
+ * backslash): the slice choose_loop tries first. */
+static Bits256 json_string_chars(void) {
+    Bits256 chars = byte_range_bits(0x20, 0x7E);
+    chars.w[0] &= ~(1ULL << '"');
+    chars.w[1] &= ~(1ULL << ('\\' - 64));
+    return chars;
+}
+
+/* The slice to walk with and how (see the header): 0, or -1 with an exception set. Inside a
+ * JSON string or key (where every unescaped character can come next), the UTF-8 slice of
+ * json_string_chars is often proved outright: it is tried first, without deriving q at all.
+ * Otherwise only the entries of q for a wide class and of its successor for one byte are
+ * computed here (and q's for the successor's loops when the walk must verify them). */
 static int choose_loop(TrieMasksObject *T, DfaRowsObject *d, int32_t q, LoopPlan *plan) {
     *plan = (LoopPlan){NULL, SAFE_ALL, 0, 0};
-    Bits256 L;
+    Bits256 L = json_string_chars(), first;
+    if (state_first(d, q, &first) < 0) return -1;
+    Bits256 both = bits_and(&L, &first);
+    if (bits_eq(&both, &L) && root_nodes(T, &L) >= T->min_nodes) {
+        int utf8 = try_utf8(T, d, q, &L, plan);
+        if (utf8 != 0) return utf8 < 0 ? -1 : 0;
+    }
     int32_t s;
     if (live_class(T, d, q, &L, &s) < 0) return -1;
     if (s == STATE_DEAD) return 0;
@@ -387,16 +417,6 @@ static int walk_below(TrieMasksObject *T, DfaRowsObject *d, const LoopView *lv, 
         i++;
     }
     return ROW_OK;
-}
-
-/* Into *out, the bytes that may start a string of state q's term (first_of): every other
- * byte leads from q to STATE_DEAD. 0, or -1 with an exception set. */
-static int state_first(DfaRowsObject *d, int32_t q, Bits256 *out) {
-    const TermStoreObject *s = d->store;
-    int32_t f = first_of(d->store, d->terms[q]);
-    if (f < 0) return -1;
-    *out = f == T_EMPTY ? (Bits256){{0, 0, 0, 0}} : s->masks[s->terms[f].a];
-    return 0;
 }
 
 /* The children of root child i (reached by state `next`) in the walk of walk_loop, then their

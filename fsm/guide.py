@@ -8,8 +8,10 @@ a trie walk that skips what a slice proof covers) and cached per state, so a rev
 costs a dictionary lookup and the caller copies the cached words.
 
 Mask buffers are rows of blocks allocated `MASK_BLOCK` at a time (the first block with the
-guide): one allocation per block instead of one per state, and none right after compilation,
-when the allocator is slowest (it first sorts the many blocks that compiling freed).
+guide): one allocation per block instead of one per state, and none on the first visits right
+after compilation. The blocks come from the native buffer pool (`_native.MaskBlock`: memory
+already mapped and touched, reused once every mask of a dropped guide is gone), so writing a
+new mask causes no page faults.
 
 Thread safety: one lock guards the lazy parts, so a guide may be shared between threads.
 """
@@ -20,6 +22,7 @@ import threading
 
 import numpy as np
 
+from fsm import _native
 from fsm.dfa import DEAD, LazyDFA
 from fsm.vocabulary import Vocabulary
 
@@ -64,7 +67,9 @@ class TokenGuide:
 
     def _new_block(self, rows: int) -> np.ndarray:
         """Uninitialized buffers for ``rows`` masks (`state_mask` writes every word)."""
-        return np.empty((rows, (self.vocab.size + 31) // 32), dtype=np.uint32)
+        words = (self.vocab.size + 31) // 32
+        block = _native.MaskBlock(rows * words * 4)
+        return np.frombuffer(block, dtype=np.uint32).reshape(rows, words)
 
     def allowed_token_ids(self, state: int) -> np.ndarray:
         """The allowed token ids of `state`, ascending."""

@@ -16,7 +16,15 @@ from hypothesis import strategies as st
 from test_fsm_json_schema import jsb_data
 from test_fsm_regex import POOL, regex_nodes
 
-from fsm import DEAD, ConstraintError, TokenGuide, Vocabulary, compile_json_schema, compile_regex
+from fsm import (
+    DEAD,
+    ConstraintError,
+    TokenGuide,
+    Vocabulary,
+    _native,
+    compile_json_schema,
+    compile_regex,
+)
 from fsm.regex import regex_term
 from fsm.terms import EMPTY, TermStore
 from fsm.token_trie import TokenTrie
@@ -127,6 +135,33 @@ def test_masks_match_plain_walk_on_random_regexes(node, seed: int) -> None:
     check_states(guide, list(dict.fromkeys(states)))
 
 
+def test_masks_outlive_their_guide(vocab: Vocabulary) -> None:
+    """Mask buffers come from the native pool, which reuses the blocks of dropped guides: a
+    mask still referenced keeps its block, so later guides never write over it."""
+    guide = compile_json_schema({"type": "object", "properties": {"a": {"type": "string"}}}, vocab)
+    masks = [guide.allowed_mask(guide.walk(guide.initial_state, p)) for p in (b"", b'{"a":"x')]
+    kept = [m.copy() for m in masks]
+    del guide
+    for schema in ({"type": "integer"}, {"type": "array", "items": {"type": "boolean"}}):
+        other = compile_json_schema(schema, vocab)
+        for state in range(other.num_states):
+            other.allowed_mask(state)
+    for mask, copy in zip(masks, kept):
+        assert not mask.flags.writeable
+        np.testing.assert_array_equal(mask, copy)
+
+
+def test_mask_block_views_keep_it() -> None:
+    """A `MaskBlock` goes back to the pool only when no array views it any more."""
+    block = np.frombuffer(_native.MaskBlock(4096 * 3 + 4), dtype=np.uint32)
+    view = block[1024:]
+    del block
+    view[:] = 7
+    fresh = np.frombuffer(_native.MaskBlock(4096 * 3 + 4), dtype=np.uint32)
+    fresh[:] = 0
+    assert (view == 7).all()
+
+
 # --------------------------------------------------------------------------- slice proofs
 
 
@@ -155,6 +190,49 @@ def test_safe_is_sound(node, ascii_bytes: set[int], utf8: bool) -> None:
         for b in data:
             t = store.derive(t, b)
         assert t != EMPTY and not store.is_empty(t), (node.src, data, proved)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    node=regex_nodes(),
+    slices=st.lists(
+        st.tuples(
+            st.sets(st.sampled_from(sorted({ord(c) for c in POOL if c.isascii()})), min_size=1),
+            st.booleans(),
+        ),
+        min_size=2,
+        max_size=6,
+    ),
+)
+def test_safe_is_sound_when_slices_alternate(node, slices: list[tuple[set[int], bool]]) -> None:
+    """`TermStore.safe` caches its results (and whether a repetition's item takes each
+    character of the slice whole) per term and slice slot: one store asked several slices in
+    turn, each twice (a store keeps four slots, then starts over), proves only what holds."""
+    store = TermStore()
+    term = regex_term(store, node.src)
+    for ascii_bytes, utf8 in slices + slices:
+        proved = store.safe(term, sum(1 << b for b in ascii_bytes), utf8)
+        if proved == -1:
+            continue
+        for data in slice_strings(
+            sorted(ascii_bytes), utf8, 2 if proved is None else min(proved, 2)
+        ):
+            t = term
+            for b in data:
+                t = store.derive(t, b)
+            assert t != EMPTY and not store.is_empty(t), (node.src, data, proved)
+
+
+def test_safe_cache_keeps_slices_apart() -> None:
+    """[a-z]* holds every string of [a-z], not of [a-z!]: the second answer must not reuse
+    the first slice's cached `completes_on` for the item [a-z]."""
+    store = TermStore()
+    term = store.star(store.byte_range(ord("a"), ord("z")))
+    letters = sum(1 << b for b in range(ord("a"), ord("z") + 1))
+    assert store.safe(term, letters, False) is None
+    assert store.safe(term, letters | 1 << ord("!"), False) == 0
+    assert store.safe(term, letters, True) == 0
+    assert store.safe(term, letters, False) is None
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
