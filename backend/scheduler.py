@@ -268,8 +268,6 @@ class Scheduler:
         for req in candidates:
             if budget <= 0:
                 break
-            if req in self.extending:
-                self.extending.remove(req)
             if req.row is None:
                 chunk = self._admit(req, budget, available, admitted, nothing_else=not batch)
                 if chunk is None:
@@ -282,8 +280,10 @@ class Scheduler:
             else:
                 chunk = min(len(req.fill_ids) - req.num_kv, budget)
                 slots = self._alloc(chunk)
-                if slots is None:
+                if slots is None:  # it keeps its place (chunked or extending) and its KV
                     break
+                if req in self.extending:
+                    self.extending.remove(req)
                 self.table.table[req.row, req.num_kv : req.num_kv + chunk] = slots
             batch.append((req, chunk))
             req.pending_slots = chunk
@@ -291,6 +291,10 @@ class Scheduler:
             budget -= chunk
             available -= chunk
         if not batch:
+            if self.extending and not self.running:
+                # No slots for the next chunk of the requests holding KV, and no decode step
+                # to retract one: retract an extending request, whose KV the others may evict.
+                self._retract(min(self.extending, key=self._retract_order))
             return False
         self._run_prefill(batch)
         return True
@@ -598,18 +602,26 @@ class Scheduler:
     def _make_room_for_decode(self) -> None:
         """Retract running requests (fewest outputs first) until one slot each is available."""
         while self.running and self.pool.num_free + self.cache.evictable_size < len(self.running):
-            victim = min(self.running, key=lambda r: (len(r.output_ids), -len(r.input_ids)))
-            self.running.remove(victim)
-            self._release(victim)
-            victim.status = ReqStatus.WAITING
-            self.waiting.appendleft(victim)
-            self.num_retractions += 1
-            self.new_token_ratio = min(1.0, self.new_token_ratio + 0.2)
-            logger.info(
-                "KV pool full: retracted request %s (%d outputs kept)",
-                victim.rid,
-                len(victim.output_ids),
-            )
+            self._retract(min(self.running, key=self._retract_order))
+
+    @staticmethod
+    def _retract_order(req: Req) -> tuple[int, int]:
+        return len(req.output_ids), -len(req.input_ids)
+
+    def _retract(self, victim: Req) -> None:
+        """Send a request that holds KV (running or extending) back to the front of the
+        waiting queue: its KV goes to the cache, its outputs are kept."""
+        self._remove(victim)
+        self._release(victim)
+        victim.status = ReqStatus.WAITING
+        self.waiting.appendleft(victim)
+        self.num_retractions += 1
+        self.new_token_ratio = min(1.0, self.new_token_ratio + 0.2)
+        logger.info(
+            "KV pool full: retracted request %s (%d outputs kept)",
+            victim.rid,
+            len(victim.output_ids),
+        )
 
     # ---- outputs and KV hand-back -----------------------------------------------------
 
