@@ -32,7 +32,9 @@ from backend.model_loader import (
 )
 from backend.models.llama import CausalLM
 
-ATOL = 1e-4
+# Float32 through 30 layers with other GEMM kernels (oneDNN, our GEMV) than transformers'
+# (MKL): logits agree to a few 1e-4, and the greedy tokens exactly.
+ATOL = 1e-3
 RTOL = 1e-4
 MODELS = ("smollm", *TINY_ARCHS)
 
