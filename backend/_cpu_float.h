@@ -19,43 +19,32 @@
  * GEMV only in summation order.
  */
 
-/* Dot products of 4 weight rows w[c] with activation rows xa and xb: ya[c] = w[c] . xa,
- * yb[c] = w[c] . xb. */
+/* Dot products of 4 weight rows w[c] with activation row xa, and with xb when `pair`:
+ * ya[c] = w[c] . xa, yb[c] = w[c] . xb; per output the same operations whether or not the
+ * row is paired (`pair` is a constant where this is inlined). */
 HELPER void fdot_4x2(const float *const w[4], const float *xa, const float *xb, Py_ssize_t k,
-                     float ya[4], float yb[4])
+                     int pair, float ya[4], float yb[4])
 {
     Py_ssize_t kv = k - k % 8;
-    v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+    v8f a[4] = {{0}}, b[4] = {{0}};
     for (Py_ssize_t j = 0; j < kv; j += 8) {
-        v8f xav = load8(xa + j), xbv = load8(xb + j);
-        v8f w0 = load8(w[0] + j), w1 = load8(w[1] + j), w2 = load8(w[2] + j),
-            w3 = load8(w[3] + j);
-        a0 += w0 * xav, a1 += w1 * xav, a2 += w2 * xav, a3 += w3 * xav;
-        b0 += w0 * xbv, b1 += w1 * xbv, b2 += w2 * xbv, b3 += w3 * xbv;
-    }
-    ya[0] = hsum8(a0), ya[1] = hsum8(a1), ya[2] = hsum8(a2), ya[3] = hsum8(a3);
-    yb[0] = hsum8(b0), yb[1] = hsum8(b1), yb[2] = hsum8(b2), yb[3] = hsum8(b3);
-    for (Py_ssize_t j = kv; j < k; j++)
+        v8f xav = load8(xa + j), xbv = pair ? load8(xb + j) : xav;
         for (int c = 0; c < 4; c++) {
-            ya[c] += w[c][j] * xa[j];
-            yb[c] += w[c][j] * xb[j];
+            v8f wv = load8(w[c] + j);
+            a[c] += wv * xav;
+            if (pair)
+                b[c] += wv * xbv;
         }
-}
-
-/* fdot_4x2 for one activation row: the same operations for ya. */
-HELPER void fdot_4x1(const float *const w[4], const float *xa, Py_ssize_t k, float ya[4])
-{
-    Py_ssize_t kv = k - k % 8;
-    v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-    for (Py_ssize_t j = 0; j < kv; j += 8) {
-        v8f xav = load8(xa + j);
-        a0 += load8(w[0] + j) * xav, a1 += load8(w[1] + j) * xav;
-        a2 += load8(w[2] + j) * xav, a3 += load8(w[3] + j) * xav;
     }
-    ya[0] = hsum8(a0), ya[1] = hsum8(a1), ya[2] = hsum8(a2), ya[3] = hsum8(a3);
-    for (Py_ssize_t j = kv; j < k; j++)
-        for (int c = 0; c < 4; c++)
+    for (int c = 0; c < 4; c++) {
+        ya[c] = hsum8(a[c]);
+        yb[c] = pair ? hsum8(b[c]) : 0.0f;
+        for (Py_ssize_t j = kv; j < k; j++) {
             ya[c] += w[c][j] * xa[j];
+            if (pair)
+                yb[c] += w[c][j] * xb[j];
+        }
+    }
 }
 
 /* out rows r (out_stride apart, out_dt) = W [n, k] (float32, contiguous) x rows r (float32,
@@ -74,9 +63,9 @@ VECTORIZED static void fmatrix_rows(const float *weights, Py_ssize_t n, Py_ssize
             int pair = r + 1 < rows;
             float ya[4], yb[4];
             if (pair)
-                fdot_4x2(w, xa, xa + k, k, ya, yb);
+                fdot_4x2(w, xa, xa + k, k, 1, ya, yb);
             else
-                fdot_4x1(w, xa, k, ya);
+                fdot_4x2(w, xa, xa, k, 0, ya, yb);
             for (int j = 0; j <= pair; j++) {
                 float *y = j ? yb : ya;
                 if (bias)

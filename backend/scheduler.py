@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from backend.config import EngineConfig
@@ -51,14 +50,6 @@ class InflightDecode:
     ready: torch.cuda.Event  # recorded after that copy
 
 
-def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-    return int(diff[0]) if diff.size else n
-
-
 _RUN_CHUNK = 64
 
 
@@ -74,6 +65,10 @@ def shared_run(a: Sequence[int], b: Sequence[int], start: int, end: int) -> int:
     while i < end and a[i] == b[i]:
         i += 1
     return i - start
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    return shared_run(a, b, 0, min(len(a), len(b)))
 
 
 class Scheduler:
