@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+KV_CACHE_DTYPES = {"auto": None, "fp8_e4m3": "float8_e4m3fn"}
+"""``kv_cache_dtype`` values and the torch dtype each stores (``None``: the model's)."""
+
 
 @dataclass
 class EngineConfig:
@@ -33,6 +36,11 @@ class EngineConfig:
     weights as Q4_1-style groups of 32 and the output projection as int8, ``"int8"`` stores all
     of them as per-channel int8 (``backend/quantization.py``; their matmuls round activations to
     bfloat16); embeddings, norms, attention and the KV cache stay ``dtype``.
+    ``kv_cache_dtype``: ``"auto"`` stores keys and values in the model's dtype;
+    ``"fp8_e4m3"`` (CUDA only) stores them as float8 e4m3 without scales (values round to
+    nearest and saturate at +-448, as SGLang's and vLLM's unscaled fp8 caches do): half
+    the bytes per token, so twice the slots and half the KV reads of a decode step; the
+    kernels compute in the model's dtype after loading.
     """
 
     model: str | None = None
@@ -61,6 +69,7 @@ class EngineConfig:
     disable_overlap_schedule: bool = False
     cuda_graph_max_bs: int = 256
     quantization: str | None = None
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         for name in (
@@ -96,6 +105,16 @@ class EngineConfig:
             raise ValueError(
                 f"quantization={self.quantization!r} is a CPU feature for now; "
                 f"device={self.device!r} is not supported (leave quantization unset on CUDA)"
+            )
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, "
+                f"got {self.kv_cache_dtype!r}"
+            )
+        if self.kv_cache_dtype != "auto" and not str(self.device).startswith("cuda"):
+            raise ValueError(
+                f"kv_cache_dtype={self.kv_cache_dtype!r} needs a CUDA device (the Triton "
+                f"attention kernels read it); device={self.device!r} keeps the model's dtype"
             )
         if self.schedule_policy not in ("lpm", "fcfs"):
             raise ValueError(

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import torch
 
 from backend.attention.base import create_attention_backend
-from backend.config import EngineConfig
+from backend.config import KV_CACHE_DTYPES, EngineConfig
 from backend.constrained import Constraints
 from backend.kv_pool import KVPool, ReqToTokenTable, kv_pool_capacity
 from backend.model_loader import load_model, load_tokenizer, resolve_model_dir
@@ -183,14 +183,18 @@ class Engine:
         )
         self.eos_token_ids = self._eos_ids()
 
-        num_slots = config.max_total_tokens or kv_pool_capacity(self.model, dtype, device, config)
+        kv_name = KV_CACHE_DTYPES[config.kv_cache_dtype]
+        kv_dtype = getattr(torch, kv_name) if kv_name else dtype
+        num_slots = config.max_total_tokens or kv_pool_capacity(
+            self.model, kv_dtype, device, config
+        )
         self.config = config = dataclasses.replace(config, max_total_tokens=num_slots)
         self.pool = KVPool(
             num_slots,
             self.model.num_layers,
             self.model.num_kv_heads,
             self.model.head_dim,
-            dtype,
+            kv_dtype,
             device,
         )
         # The request table is host bookkeeping; a pass carries the slots it needs.

@@ -19,6 +19,7 @@ run's time minus that of the same run with one new token (its prefill). The roof
 measured device-to-device copy bandwidth. Usage (on a GPU)::
 
     python benchmarks/bench_gpu.py --tokenizer DIR [--only batch1,batch64] [--json out.json]
+        [--kv-cache-dtype fp8_e4m3]
 """
 
 from __future__ import annotations
@@ -246,6 +247,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, required=True, help="SmolLM2 tokenizer folder")
     parser.add_argument("--only", default="batch1,batch64,random256,prefix,json64,small")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8_e4m3")
     args = parser.parse_args()
     only = set(args.only.split(","))
     device = torch.cuda.get_device_name()
@@ -257,6 +259,7 @@ def main() -> None:
 
     def make_engine(**options: Any) -> Engine:
         options.setdefault("max_running_requests", 256)
+        options.setdefault("kv_cache_dtype", args.kv_cache_dtype)
         return Engine(str(big), device="cuda", load_format="dummy", **options)
 
     rows: list[dict] = []
@@ -302,6 +305,7 @@ def main() -> None:
             str(model_dir(SMOLLM2_135M, args.tokenizer, root, "smollm2-135m")),
             device="cuda",
             load_format="dummy",
+            kv_cache_dtype=args.kv_cache_dtype,
         )
         sb = Bench(small, bandwidth)
         for row in run_batch1(sb) + run_batch64(sb):
@@ -309,6 +313,9 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
         small.shutdown()
+    if args.kv_cache_dtype != "auto":
+        for row in rows:
+            row["workload"] += f" [KV {args.kv_cache_dtype}]"
     results["rows"] = rows
     print_table(rows)
     if args.json:

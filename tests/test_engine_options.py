@@ -96,6 +96,8 @@ def test_kv_pool_size_defaults_on_cpu(tiny_root: Path) -> None:
         ({"load_format": "pt"}, "load_format"),
         ({"max_total_tokens": 0}, "max_total_tokens"),
         ({"cuda_graph_max_bs": -1}, "cuda_graph_max_bs"),
+        ({"kv_cache_dtype": "fp8", "device": "cuda"}, "kv_cache_dtype must be one of"),
+        ({"kv_cache_dtype": "fp8_e4m3"}, "needs a CUDA device"),
     ],
 )
 def test_bad_gpu_options_are_rejected(options: dict, message: str) -> None:

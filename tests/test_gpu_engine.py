@@ -190,6 +190,28 @@ def test_bfloat16_default_runs_and_matches_first_tokens(
         check_idle(eng)
 
 
+def test_fp8_kv_cache_halves_slot_bytes_and_keeps_first_tokens(
+    tiny_dir: Path, reference: list[list[int]]
+) -> None:
+    """``kv_cache_dtype="fp8_e4m3"``: the pool is float8 (half the bytes per slot of
+    bf16), prefill attends to the new tokens' bf16 K/V (first tokens agree with
+    transformers as bf16's do), decode reads the float8 cache; graphs, the eager path
+    (batches past ``cuda_graph_max_bs``) and a cached prefix all run, with no slot leaked."""
+    options = {"device": "cuda", "max_total_tokens": 4096, "cuda_graph_max_bs": 4}
+    with Engine(str(tiny_dir), kv_cache_dtype="fp8_e4m3", **options) as eng:
+        assert eng.pool.k_buffers[0].dtype == torch.float8_e4m3fn
+        assert eng.pool.bytes_per_slot() * 2 == eng.model.num_layers * eng.model.num_kv_heads * (
+            eng.model.head_dim * 2 * 2
+        )
+        out = eng.generate(PROMPTS, {**GREEDY, "ignore_eos": True})
+        assert all(len(r["output_ids"]) == GREEDY["max_new_tokens"] for r in out)
+        agree = sum(r["output_ids"][0] == ref[0] for r, ref in zip(out, reference))
+        assert agree >= len(PROMPTS) - 1
+        again = eng.generate(PROMPTS[:2], {**GREEDY, "ignore_eos": True})  # cached prefixes
+        assert [r["output_ids"] for r in again] == [r["output_ids"] for r in out[:2]]
+        check_idle(eng)
+
+
 def test_kv_pool_sized_from_free_gpu_memory(tiny_dir: Path) -> None:
     free, total = torch.cuda.mem_get_info()
     with Engine(str(tiny_dir), device="cuda", mem_fraction_static=0.3) as eng:

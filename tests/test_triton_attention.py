@@ -158,9 +158,13 @@ def run_extend(
     head_dim: int = HEAD_DIM,
     block_m: int = 16,
     block_n: int = 16,
+    kv_dtype: torch.dtype | None = None,
 ) -> None:
-    """Extend attention of one ragged batch against the per-request reference."""
+    """Extend attention of one ragged batch against the per-request reference (``kv_dtype``:
+    the pool's dtype when it is not ``dtype``)."""
     pool = Pool(num_kv_heads, dtype, seed=sum(prefix_lens) + len(extend_lens), head_dim=head_dim)
+    if kv_dtype is not None:
+        pool.k_buf, pool.v_buf = pool.k_buf.to(kv_dtype), pool.v_buf.to(kv_dtype)
     slots = [pool.take(p + e) for p, e in zip(prefix_lens, extend_lens)]
     total = sum(extend_lens)
     q = pool.randn(total, num_heads, head_dim).to(dtype)
@@ -185,8 +189,9 @@ def run_extend(
     )
     for i, (p, s) in enumerate(zip(prefix_lens, slots)):
         lo, hi = int(qo_indptr[i]), int(qo_indptr[i + 1])
-        keys = torch.cat([pool.k_buf[s[:p]], k[lo:hi]])  # new keys come from k, not the pool
-        values = torch.cat([pool.v_buf[s[:p]], v[lo:hi]])
+        # new keys come from k, not the pool
+        keys = torch.cat([pool.k_buf[s[:p]].float(), k[lo:hi].float()])
+        values = torch.cat([pool.v_buf[s[:p]].float(), v[lo:hi].float()])
         assert_close(out[lo:hi], reference(q[lo:hi], keys, values, p), dtype)
 
 
@@ -245,6 +250,98 @@ def test_decode_split_k(dtype: torch.dtype, group: int, num_splits: int) -> None
 
 def test_decode_gqa_group_not_a_power_of_two() -> None:
     run_decode([5, 40], num_heads=9, num_kv_heads=3, dtype=torch.float32, num_splits=2)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("group", [1, 4], ids=["mha", "gqa4"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_with_rope_equals_rope_store_then_decode(
+    dtype: torch.dtype, group: int, num_splits: int
+) -> None:
+    """``decode_attention(rope=...)`` (RoPE, KV write and attention in the first launch)
+    gives the output and pool of ``fused_ops.rope`` + ``store_kv`` + plain decode. Lengths 1
+    and 17 put the new token alone in (or first in) its chunk; the q/k/v heads are views of
+    one fused projection, as the model passes them."""
+    from backend.fused_ops import rope_reference
+
+    seq_lens, num_kv_heads = [1, 17, 33, 70], 2
+    num_heads = group * num_kv_heads
+    pool = Pool(num_kv_heads, dtype, seed=7 + num_splits)
+    slots = [pool.take(n) for n in seq_lens]
+    loc = torch.stack([s[-1] for s in slots])
+    positions = torch.tensor([n - 1 for n in seq_lens], device=DEVICE)
+    qkv = pool.randn(len(seq_lens), num_heads + 2 * num_kv_heads, HEAD_DIM).to(dtype)
+    angles = torch.rand(80, HEAD_DIM // 2, generator=pool.gen) * 6
+    cos = torch.cat([angles.cos(), angles.cos()], -1).to(DEVICE)
+    sin_signed = torch.cat([-angles.sin(), angles.sin()], -1).to(DEVICE)
+    q_raw, k_raw = qkv[:, :num_heads], qkv[:, num_heads : num_heads + num_kv_heads]
+    v = qkv[:, num_heads + num_kv_heads :]
+    k_buf, v_buf = pool.k_buf.clone(), pool.v_buf.clone()
+    q = rope_reference(q_raw.float(), positions, cos, sin_signed).to(dtype)
+    k = rope_reference(k_raw.float(), positions, cos, sin_signed).to(dtype)
+    tk.store_kv(k_buf, v_buf, loc, k, v.contiguous())
+    expected = torch.empty_like(q)
+    kv = (indptr(seq_lens), torch.cat(slots), num_splits)
+    tk.decode_attention(q, k_buf, v_buf, expected, *kv, block_n=16)
+    out = torch.full_like(q, float("nan"))
+    before = pool.k_buf.clone()
+    rope = tk.DecodeRope(k_raw, v, loc, positions, cos, sin_signed)
+    tk.decode_attention(q_raw, pool.k_buf, pool.v_buf, out, *kv, block_n=16, rope=rope)
+    assert_close(out, expected.float(), dtype)
+    torch.testing.assert_close(pool.k_buf.float(), k_buf.float(), atol=TOLERANCE[dtype][0], rtol=0)
+    assert torch.equal(pool.v_buf, v_buf)
+    changed = (pool.k_buf != before).flatten(1).any(1).nonzero().flatten()
+    assert set(changed.tolist()) == set(loc.tolist())
+
+
+@pytest.mark.skipif(not CUDA, reason="float8 needs a GPU (the interpreter has no float8)")
+def test_fp8_kv_cache_extend_reads_the_float8_prefix() -> None:
+    """Extend over float8 prefixes (0, 1, odd, several blocks) with bf16 new tokens."""
+    run_extend([0, 1, 37, 70], [5, 17, 3, 20], 8, 2, torch.bfloat16, kv_dtype=torch.float8_e4m3fn)
+
+
+@pytest.mark.skipif(not CUDA, reason="float8 needs a GPU (the interpreter has no float8)")
+@pytest.mark.parametrize("with_rope", [False, True], ids=["rotated", "rope-in-kernel"])
+def test_fp8_kv_cache_store_and_decode(with_rope: bool) -> None:
+    """A float8 e4m3 pool: ``store_kv`` (and the RoPE decode kernel's own write) round like
+    torch's cast; decode over the float8 pool matches the float32 reference computed on the
+    dequantized pool within bf16's tolerance."""
+    from backend.fused_ops import rope_reference
+
+    seq_lens, num_heads, num_kv_heads = [1, 17, 70, 300], 8, 2
+    pool = Pool(num_kv_heads, torch.bfloat16, seed=11)
+    pool.k_buf = pool.k_buf.to(torch.float8_e4m3fn)
+    pool.v_buf = pool.v_buf.to(torch.float8_e4m3fn)
+    slots = [pool.take(n) for n in seq_lens]
+    loc = torch.stack([s[-1] for s in slots])
+    positions = torch.tensor([n - 1 for n in seq_lens], device=DEVICE)
+    qkv = pool.randn(len(seq_lens), num_heads + 2 * num_kv_heads, HEAD_DIM).to(torch.bfloat16)
+    q, k = qkv[:, :num_heads], qkv[:, num_heads : num_heads + num_kv_heads]
+    v = qkv[:, num_heads + num_kv_heads :]
+    angles = torch.rand(400, HEAD_DIM // 2, generator=pool.gen) * 6
+    cos = torch.cat([angles.cos(), angles.cos()], -1).to(DEVICE)
+    sin_signed = torch.cat([-angles.sin(), angles.sin()], -1).to(DEVICE)
+    k_rot = rope_reference(k.float(), positions, cos, sin_signed).to(torch.bfloat16)
+    q_rot = rope_reference(q.float(), positions, cos, sin_signed).to(torch.bfloat16)
+    out = torch.full_like(q_rot, float("nan"))
+    kv = (indptr(seq_lens), torch.cat(slots), 3)
+    if with_rope:
+        rope = tk.DecodeRope(k, v, loc, positions, cos, sin_signed)
+        tk.decode_attention(q, pool.k_buf, pool.v_buf, out, *kv, block_n=16, rope=rope)
+    else:
+        tk.store_kv(pool.k_buf, pool.v_buf, loc, k_rot, v.contiguous())
+        tk.decode_attention(q_rot, pool.k_buf, pool.v_buf, out, *kv, block_n=16)
+    stored_k, expected_k = pool.k_buf[loc].float(), k_rot.to(torch.float8_e4m3fn).float()
+    if with_rope:  # the kernel's float32 rotation may round one bf16 ulp apart from torch's
+        torch.testing.assert_close(stored_k, expected_k, atol=1e-3, rtol=0.13)
+    else:
+        assert torch.equal(stored_k, expected_k)
+    assert torch.equal(
+        pool.v_buf[loc].view(torch.uint8), v.to(torch.float8_e4m3fn).view(torch.uint8)
+    )
+    for i, (n, s) in enumerate(zip(seq_lens, slots)):
+        ref = reference(q_rot[i : i + 1], pool.k_buf[s].float(), pool.v_buf[s].float(), n - 1)
+        assert_close(out[i : i + 1], ref, torch.bfloat16)
 
 
 def test_choose_num_kv_splits() -> None:
@@ -419,10 +516,12 @@ def runner_hidden_states(
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fused", [False, True], ids=["separate-qkv", "fused-qkv"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_model_runner_on_cuda_triton_matches_torch(dtype: torch.dtype) -> None:
+def test_model_runner_on_cuda_triton_matches_torch(dtype: torch.dtype, fused: bool) -> None:
     """A random 2-layer Llama shaped like SmolLM2's attention (9 query heads, 3 KV heads,
-    head dim 64) on the GPU: the Triton backend's hidden states match torch sdpa's."""
+    head dim 64) on the GPU: the Triton backend's hidden states match torch sdpa's; with
+    fused projections, decode steps rotate and store K/V inside the decode kernel."""
     from transformers import LlamaConfig
 
     from backend.models.llama import CausalLM
@@ -438,6 +537,8 @@ def test_model_runner_on_cuda_triton_matches_torch(dtype: torch.dtype) -> None:
     )
     torch.manual_seed(0)
     model = CausalLM(config).to(device=DEVICE, dtype=dtype).eval()
+    if fused:
+        model.fuse_projections()
     ours = runner_hidden_states(model, "triton", dtype)
     theirs = runner_hidden_states(model, "torch", dtype)
     atol, rtol = (2e-4, 2e-4) if dtype == torch.float32 else (1e-1, 5e-2)  # bf16: ~3 ulp

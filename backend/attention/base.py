@@ -24,6 +24,11 @@ class AttentionBackend(Protocol):
     scheduler lets requests borrow a shared prefix within a pass).
     Shapes: ``q`` is ``[T, num_heads, head_dim]``, ``k``/``v`` are
     ``[T, num_kv_heads, head_dim]``, the result is ``[T, num_heads, head_dim]``.
+
+    ``forward_qkv`` is ``forward`` for q and k not yet rotated: ``qkv`` is
+    ``[T, num_heads + 2 * num_kv_heads, head_dim]`` (q heads, then k, then v, as the fused
+    projection lays them out) and ``rotary`` rotates q and k; an implementation may fold
+    RoPE into its own kernels (``rotate_then_forward`` is the plain composition).
     """
 
     def init_forward_metadata(self, batch: ForwardBatch) -> None: ...
@@ -36,6 +41,36 @@ class AttentionBackend(Protocol):
         layer_id: int,
         batch: ForwardBatch,
     ) -> torch.Tensor: ...
+
+    def forward_qkv(
+        self, qkv: torch.Tensor, num_heads: int, rotary: Rotary, layer_id: int, batch: ForwardBatch
+    ) -> torch.Tensor: ...
+
+
+class Rotary(Protocol):
+    """RoPE of one forward pass (``backend.models.llama.Rotary``): the model's float32
+    ``cos`` / ``sin_signed`` tables ``[max_len, head_dim]``, the pass's ``positions`` ``[T]``,
+    and the call that rotates ``x`` ``[T, heads, head_dim]`` into a new contiguous tensor."""
+
+    positions: torch.Tensor
+    cos: torch.Tensor
+    sin_signed: torch.Tensor
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def rotate_then_forward(
+    backend: AttentionBackend,
+    qkv: torch.Tensor,
+    num_heads: int,
+    rotary: Rotary,
+    layer_id: int,
+    batch: ForwardBatch,
+) -> torch.Tensor:
+    """``forward_qkv`` as RoPE (one call for q and k, neighbouring heads) then ``forward``."""
+    num_kv_heads = (qkv.shape[1] - num_heads) // 2
+    q, k = rotary(qkv[:, : num_heads + num_kv_heads]).split([num_heads, num_kv_heads], 1)
+    return backend.forward(q, k, qkv[:, num_heads + num_kv_heads :], layer_id, batch)
 
 
 def create_attention_backend(pool: KVPool, name: str = "auto") -> AttentionBackend:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from backend import cpu_ops
+from backend.attention.base import Rotary, rotate_then_forward
 from backend.forward_batch import ForwardBatch, ForwardMode
 from backend.kv_pool import KVPool
 
@@ -72,6 +73,11 @@ class TorchAttentionBackend:
     """``AttentionBackend`` for CPU tensors (works on any device torch's sdpa supports)."""
 
     def __init__(self, pool: KVPool) -> None:
+        if pool.k_buffers[0].dtype.itemsize == 1:
+            raise ValueError(
+                f"the torch attention backend cannot read a {pool.k_buffers[0].dtype} KV cache; "
+                "use the Triton backend (CUDA) or kv_cache_dtype='auto'"
+            )
         self.pool = pool
 
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
@@ -121,6 +127,12 @@ class TorchAttentionBackend:
         if isinstance(meta, _DecodeMetadata):
             return self._decode(q, k_buf, v_buf, meta)
         return self._extend(q, k, v, k_buf, v_buf, meta)
+
+    def forward_qkv(
+        self, qkv: torch.Tensor, num_heads: int, rotary: Rotary, layer_id: int, batch: ForwardBatch
+    ) -> torch.Tensor:
+        """RoPE, then ``forward`` (``AttentionBackend``)."""
+        return rotate_then_forward(self, qkv, num_heads, rotary, layer_id, batch)
 
     def decodes_natively(self, slots: list[torch.Tensor]) -> bool:
         """Whether a DECODE step over these slot lists runs the native kernel (see the

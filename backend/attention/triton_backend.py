@@ -5,7 +5,8 @@ pass, ``init_forward_metadata`` flattens the requests' slot lists into
 ``kv_indptr``/``kv_indices`` (one concatenation on the device) and, for DECODE, picks the
 number of KV splits and allocates the float32 split scratch that every layer reuses. Per
 layer, ``forward`` writes the new K/V with one kernel, then runs the extend kernel or the
-two decode kernels (``backend/attention/triton_kernels.py``).
+two decode kernels (``backend/attention/triton_kernels.py``); in DECODE, ``forward_qkv``
+folds RoPE and the KV write into the first decode kernel (two launches per layer, not four).
 
 Decode steps can also run from CUDA graphs (``backend/cuda_graph_runner.py``), which
 preset the metadata over static buffers. Not here: the torch backend's shared-prefix
@@ -20,6 +21,7 @@ from itertools import accumulate
 import torch
 
 from backend.attention import triton_kernels as tk
+from backend.attention.base import Rotary, rotate_then_forward
 from backend.forward_batch import ForwardBatch, ForwardMode
 from backend.kv_pool import KVPool
 
@@ -46,7 +48,7 @@ class TritonAttentionBackend:
     ``num_kv_splits`` fixes the decode split count (tests, CUDA graphs);
     by default it is chosen per pass from the batch size and the longest sequence.
     Block sizes default per device (``triton_kernels.default_extend_blocks`` /
-    ``default_decode_block_n``) and can be overridden.
+    ``default_decode_config``) and can be overridden.
     """
 
     def __init__(
@@ -119,25 +121,9 @@ class TritonAttentionBackend:
         v_buf = self.pool.v_buffers[layer_id]
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         tk.store_kv(k_buf, v_buf, batch.out_cache_loc, k, v)
-        out = torch.empty_like(q)
         if batch.mode == ForwardMode.DECODE:
-            if meta.mid_o is None:
-                meta.mid_o, meta.mid_lse = tk.decode_partial_buffers(
-                    q.shape[0], q.shape[1], q.shape[2], meta.num_kv_splits, q.device
-                )
-            tk.decode_attention(
-                q,
-                k_buf,
-                v_buf,
-                out,
-                meta.kv_indptr,
-                meta.kv_indices,
-                meta.num_kv_splits,
-                mid_o=meta.mid_o,
-                mid_lse=meta.mid_lse,
-                block_n=self.decode_block_n,
-            )
-            return out
+            return self._decode(q, layer_id, meta)
+        out = torch.empty_like(q)
         assert meta.qo_indptr is not None and meta.prefix_lens is not None
         tk.extend_attention(
             q,
@@ -153,6 +139,53 @@ class TritonAttentionBackend:
             meta.max_extend_len,
             block_m=self.extend_block_m,
             block_n=self.extend_block_n,
+        )
+        return out
+
+    def forward_qkv(
+        self, qkv: torch.Tensor, num_heads: int, rotary: Rotary, layer_id: int, batch: ForwardBatch
+    ) -> torch.Tensor:
+        """``AttentionBackend.forward_qkv``: in DECODE, RoPE and the KV write run inside the
+        first decode kernel (``triton_kernels.DecodeRope``); otherwise RoPE, then ``forward``."""
+        if batch.mode != ForwardMode.DECODE or qkv.stride(-1) != 1:
+            return rotate_then_forward(self, qkv, num_heads, rotary, layer_id, batch)
+        num_kv_heads = (qkv.shape[1] - num_heads) // 2
+        rope = tk.DecodeRope(
+            k=qkv[:, num_heads : num_heads + num_kv_heads],
+            v=qkv[:, num_heads + num_kv_heads :],
+            loc=batch.out_cache_loc,
+            positions=rotary.positions,
+            cos=rotary.cos,
+            sin_signed=rotary.sin_signed,
+        )
+        return self._decode(qkv[:, :num_heads], layer_id, batch.attn_metadata, rope)
+
+    def _decode(
+        self,
+        q: torch.Tensor,
+        layer_id: int,
+        meta: TritonAttnMetadata,
+        rope: tk.DecodeRope | None = None,
+    ) -> torch.Tensor:
+        """The two decode kernels over layer ``layer_id``'s pool (``rope``: q and the new
+        K/V still to rotate and store); returns a new ``[B, H, D]`` tensor."""
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        if meta.mid_o is None:
+            meta.mid_o, meta.mid_lse = tk.decode_partial_buffers(
+                q.shape[0], q.shape[1], q.shape[2], meta.num_kv_splits, q.device
+            )
+        tk.decode_attention(
+            q,
+            self.pool.k_buffers[layer_id],
+            self.pool.v_buffers[layer_id],
+            out,
+            meta.kv_indptr,
+            meta.kv_indices,
+            meta.num_kv_splits,
+            mid_o=meta.mid_o,
+            mid_lse=meta.mid_lse,
+            block_n=self.decode_block_n,
+            rope=rope,
         )
         return out
 

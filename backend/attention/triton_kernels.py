@@ -31,6 +31,8 @@ nearest; float16 and float32 run the exact GPU code path.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -377,6 +379,17 @@ def _decode_partial_kernel(
     stride_mos,
     stride_mlb,
     stride_mlh,
+    K_new,
+    V_new,
+    Loc,
+    Positions,
+    Cos,
+    SinSigned,
+    stride_knt,
+    stride_knh,
+    stride_vnt,
+    stride_vnh,
+    stride_c,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -384,6 +397,7 @@ def _decode_partial_kernel(
     BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
+    ROPE: tl.constexpr,
 ):
     """Program ``(b, kvh, split)``: the ``GROUP`` query heads of KV head ``kvh`` over one
     contiguous chunk of request ``b``'s slots.
@@ -393,6 +407,12 @@ def _decode_partial_kernel(
     one KV head are the rows of one ``tl.dot`` (padded to ``BLOCK_H`` >= 16), so each key
     and value is loaded once per KV head. Writes the normalized partial output
     ``Mid_O[b, h, split]`` and its base-2 log-sum-exp ``Mid_LSE[b, h, split]``.
+
+    With ``ROPE``, ``Q`` and ``K_new`` are not rotated yet: every program rotates its query
+    heads at ``Positions[b]``, and the program whose chunk holds the request's last token
+    (the new one) rotates that token's key, stores key and value at slot ``Loc[b]`` and
+    takes them into its softmax from registers (its loop stops before that slot, so no
+    program reads a slot this launch writes).
     """
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -403,6 +423,7 @@ def _decode_partial_kernel(
     split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     lo = split * split_len
     hi = tl.minimum(lo + split_len, seq_len)
+    owns_new = (lo < seq_len) & (hi == seq_len)  # this chunk ends with the new token
 
     offs_g = tl.arange(0, BLOCK_H)
     mask_g = offs_g < GROUP
@@ -410,7 +431,19 @@ def _decode_partial_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     q_ptrs = Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=mask_g[:, None] & mask_d[None, :], other=0.0).to(DOT_DTYPE)
+    q_mask = mask_g[:, None] & mask_d[None, :]
+    if ROPE:
+        pos = tl.load(Positions + b)
+        cos = tl.load(Cos + pos * stride_c + offs_d, mask=mask_d, other=0.0)
+        sin = tl.load(SinSigned + pos * stride_c + offs_d, mask=mask_d, other=0.0)
+        partner = (offs_d + HEAD_DIM // 2) % HEAD_DIM  # rotate-half: x[d +- D/2]
+        q_raw = tl.load(q_ptrs, mask=q_mask, other=0.0).to(tl.float32)
+        q_roll = tl.load(q_ptrs - offs_d[None, :] + partner[None, :], mask=q_mask, other=0.0)
+        q_rot = q_raw * cos[None, :] + q_roll.to(tl.float32) * sin[None, :]
+        q = q_rot.to(Q.dtype.element_ty).to(DOT_DTYPE)
+        hi = tl.where(owns_new, hi - 1, hi)
+    else:
+        q = tl.load(q_ptrs, mask=q_mask, other=0.0).to(DOT_DTYPE)
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -432,6 +465,28 @@ def _decode_partial_kernel(
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0).to(DOT_DTYPE)
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=PRECISION)
         m_i = m_new
+
+    if ROPE:  # noqa: SIM102 (a compile-time branch: names below exist only with RoPE)
+        if owns_new:
+            k_ptrs = K_new + b * stride_knt + kvh * stride_knh
+            k_raw = tl.load(k_ptrs + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            k_roll = tl.load(k_ptrs + partner, mask=mask_d, other=0.0).to(tl.float32)
+            k_new = (k_raw * cos + k_roll * sin).to(K_new.dtype.element_ty)  # as RoPE rounds
+            k_new = k_new.to(K_buf.dtype.element_ty)
+            v_new = tl.load(V_new + b * stride_vnt + kvh * stride_vnh + offs_d, mask=mask_d)
+            v_new = v_new.to(V_buf.dtype.element_ty)
+            slot = tl.load(Loc + b).to(tl.int64)
+            tl.store(K_buf + slot * stride_kbs + kvh * stride_kbh + offs_d, k_new, mask=mask_d)
+            tl.store(V_buf + slot * stride_vbs + kvh * stride_vbh + offs_d, v_new, mask=mask_d)
+            kf = k_new.to(DOT_DTYPE).to(tl.float32)
+            s_new = tl.sum(q.to(tl.float32) * kf[None, :], 1) * qk_scale
+            m_new = tl.maximum(m_i, s_new)
+            alpha = tl.exp2(m_i - m_new)
+            p_new = tl.exp2(s_new - m_new)
+            l_i = l_i * alpha + p_new
+            vf = v_new.to(DOT_DTYPE).to(tl.float32)
+            acc = acc * alpha[:, None] + p_new[:, None] * vf[None, :]
+            m_i = m_new
 
     nonempty = l_i > 0.0
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
@@ -486,11 +541,18 @@ def _decode_reduce_kernel(
     )
 
 
-def default_decode_block_n(device: torch.device) -> int:
-    """Keys per inner iteration of the decode kernel: 16 under the interpreter, 128 on CUDA
-    (on an H100, 128 beat 32 and 64 by 8-15% at batch 160-256 with 500-2,000-token contexts
-    and tied them at batch 64 x 512: `benchmarks/tune_decode_attention.py`)."""
-    return 16 if is_interpreted() or device.type != "cuda" else 128
+def default_decode_config(device: torch.device, kv_dtype: torch.dtype) -> tuple[int, int, int]:
+    """``(block_n, num_warps, num_stages)`` of the decode kernel: keys per inner iteration
+    16 under the interpreter. On CUDA (``benchmarks/tune_decode_attention.py``, H100,
+    contiguous slots): a bf16/fp16 cache takes 128 keys, 4 warps, 2 stages (128 beat 32 and
+    64 by 8-15% at batch 160-256 with 500-2,000-token contexts, within 5% of the best at
+    batch 64 x 512); a float8 cache, half the bytes per key, 64 keys, 2 warps, 4 stages
+    (56 us against 65 for the bf16 choice at batch 64 x 512-640)."""
+    if is_interpreted() or device.type != "cuda":
+        return 16, 4, 2
+    if kv_dtype.itemsize == 1:
+        return 64, 2, 4
+    return 128, 4, 2
 
 
 def choose_num_kv_splits(
@@ -520,6 +582,22 @@ def decode_partial_buffers(
     return mid_o, mid_lse
 
 
+@dataclass(frozen=True)
+class DecodeRope:
+    """What ``decode_attention`` needs to rotate q and k itself and write the new K/V: the
+    new tokens' unrotated keys ``k`` and values ``v`` ``[B, Hkv, D]`` (last dim contiguous;
+    views of the fused projection are fine), their slots ``loc`` and ``positions`` ``[B]``,
+    and the model's ``cos`` / ``sin_signed`` tables ``[max_len, D]`` (``backend.fused_ops``'s
+    rotate-half convention)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    loc: torch.Tensor
+    positions: torch.Tensor
+    cos: torch.Tensor
+    sin_signed: torch.Tensor
+
+
 def decode_attention(
     q: torch.Tensor,
     k_buf: torch.Tensor,
@@ -532,15 +610,23 @@ def decode_attention(
     mid_lse: torch.Tensor | None = None,
     sm_scale: float | None = None,
     block_n: int | None = None,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    rope: DecodeRope | None = None,
 ) -> None:
     """Write into ``o`` ``[B, H, D]`` the attention of one query per request over its slots.
 
     Flash-decoding in two launches: ``_decode_partial_kernel`` on a ``(B, Hkv, num_splits)``
     grid, then ``_decode_reduce_kernel`` on ``(B, H)``. Every request needs at least one
     slot. ``mid_o``/``mid_lse`` (from ``decode_partial_buffers`` with at least
-    ``num_splits`` splits) are allocated when not given.
+    ``num_splits`` splits) are allocated when not given. Launch parameters left ``None``
+    come from ``default_decode_config``.
+
+    With ``rope``, ``q`` is not rotated yet and the new tokens' K/V are not in the pool:
+    the first launch rotates q and k at ``rope.positions`` and stores k and v at
+    ``rope.loc`` (the last slot of each request), so RoPE, the KV write and attention take
+    two launches instead of four; results equal those of ``fused_ops.rope`` + ``store_kv``
+    + this function up to float32 summation order.
     """
     batch_size, num_heads, head_dim = q.shape
     num_kv_heads = k_buf.shape[1]
@@ -551,6 +637,10 @@ def decode_attention(
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     _check_last_dim_contiguous(q, o, k_buf, v_buf)
+    if rope is not None:
+        _check_last_dim_contiguous(rope.k, rope.v, rope.cos, rope.sin_signed)
+        if head_dim % 2 or rope.cos.stride(0) != rope.sin_signed.stride(0):
+            raise ValueError("RoPE needs an even head_dim and cos/sin tables of one layout")
     if mid_o is None or mid_lse is None:
         mid_o, mid_lse = decode_partial_buffers(
             batch_size, num_heads, head_dim, num_splits, q.device
@@ -560,6 +650,8 @@ def decode_attention(
     group = num_heads // num_kv_heads
     block_d = _block_d(head_dim)
     scale = (sm_scale if sm_scale is not None else head_dim**-0.5) * LOG2E
+    r = rope or DecodeRope(q, q, kv_indptr, kv_indptr, q, q)  # placeholders, never read
+    default_n, default_warps, default_stages = default_decode_config(q.device, k_buf.dtype)
     _decode_partial_kernel[(batch_size, num_kv_heads, num_splits)](
         q,
         k_buf,
@@ -581,15 +673,27 @@ def decode_attention(
         mid_o.stride(2),
         mid_lse.stride(0),
         mid_lse.stride(1),
+        r.k,
+        r.v,
+        r.loc,
+        r.positions,
+        r.cos,
+        r.sin_signed,
+        r.k.stride(0),
+        r.k.stride(1),
+        r.v.stride(0),
+        r.v.stride(1),
+        r.cos.stride(0),
         GROUP=group,
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
         BLOCK_H=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=block_n or default_decode_block_n(q.device),
+        BLOCK_N=block_n or default_n,
         DOT_DTYPE=_dot_dtype(q.dtype),
         PRECISION=_precision(q.dtype),
-        num_warps=num_warps,
-        num_stages=num_stages,
+        ROPE=rope is not None,
+        num_warps=num_warps or default_warps,
+        num_stages=num_stages or default_stages,
     )
     _decode_reduce_kernel[(batch_size, num_heads)](
         mid_o,
@@ -616,10 +720,11 @@ def _check_last_dim_contiguous(*tensors: torch.Tensor) -> None:
 
 __all__ = [
     "LOG2E",
+    "DecodeRope",
     "choose_num_kv_splits",
     "decode_attention",
     "decode_partial_buffers",
-    "default_decode_block_n",
+    "default_decode_config",
     "default_extend_blocks",
     "extend_attention",
     "is_interpreted",

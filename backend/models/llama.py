@@ -126,7 +126,8 @@ class Attention(nn.Module):
     def _project_qkv(
         self, x: torch.Tensor, rotary: Rotary, prefill: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q ``[T, H, D]``, k and v ``[T, Hkv, D]``, RoPE applied to q and k."""
+        """q ``[T, H, D]``, k and v ``[T, Hkv, D]``, RoPE applied to q and k (unfused
+        projections, or q/k norms between the projection and RoPE)."""
         t, heads, kv_heads = x.shape[0], self.num_heads, self.num_kv_heads
         if self.qkv_weight is None:
             q, k, v = (
@@ -134,11 +135,7 @@ class Attention(nn.Module):
             )
         else:
             qkv = linear(x, self.qkv_weight, self.qkv_bias, prefill)
-            qkv = qkv.view(t, heads + 2 * kv_heads, -1)
-            if not self.qk_norm:  # q and k are neighbouring heads: one RoPE call for both
-                q, k = rotary(qkv[:, : heads + kv_heads]).split([heads, kv_heads], 1)
-                return q, k, qkv[:, heads + kv_heads :]
-            q, k, v = qkv.split([heads, kv_heads, kv_heads], 1)
+            q, k, v = qkv.view(t, heads + 2 * kv_heads, -1).split([heads, kv_heads, kv_heads], 1)
         q, k, v = q.view(t, heads, -1), k.view(t, kv_heads, -1), v.view(t, kv_heads, -1)
         if self.qk_norm:
             q = rms_norm(q, self.q_norm.weight, self.q_norm.eps)
@@ -148,8 +145,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rotary: Rotary, batch: ForwardBatch) -> torch.Tensor:
         t = x.shape[0]
         prefill = batch.mode == ForwardMode.EXTEND
-        q, k, v = self._project_qkv(x, rotary, prefill)
-        out = batch.attn_backend.forward(q, k, v, self.layer_id, batch)
+        if self.qkv_weight is not None and not self.qk_norm:  # RoPE left to the backend
+            qkv = linear(x, self.qkv_weight, self.qkv_bias, prefill)
+            qkv = qkv.view(t, self.num_heads + 2 * self.num_kv_heads, -1)
+            out = batch.attn_backend.forward_qkv(qkv, self.num_heads, rotary, self.layer_id, batch)
+        else:
+            q, k, v = self._project_qkv(x, rotary, prefill)
+            out = batch.attn_backend.forward(q, k, v, self.layer_id, batch)
         return linear(out.reshape(t, -1), self.o_proj.weight, self.o_proj.bias, prefill)
 
 
