@@ -70,7 +70,7 @@ def main() -> None:
         splits = tk.choose_num_kv_splits(batch, KV_HEADS, GRAPH_CONTEXT, sms)
         default = next(
             t for t in timings
-            if t[1:] == (*tk.default_decode_config(device, kv_dtype), splits)
+            if t[1:] == (*tk.default_decode_config(device, kv_dtype, batch * KV_HEADS), splits)
         )  # fmt: skip
         print(
             f"batch {batch}, context {lo}-{hi}: best {best[0] * 1e3:.1f} us "

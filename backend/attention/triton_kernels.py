@@ -31,6 +31,7 @@ nearest; float16 and float32 run the exact GPU code path.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -541,18 +542,27 @@ def _decode_reduce_kernel(
     )
 
 
-def default_decode_config(device: torch.device, kv_dtype: torch.dtype) -> tuple[int, int, int]:
-    """``(block_n, num_warps, num_stages)`` of the decode kernel: keys per inner iteration
-    16 under the interpreter. On CUDA (``benchmarks/tune_decode_attention.py``, H100,
-    contiguous slots): a bf16/fp16 cache takes 128 keys, 4 warps, 2 stages (128 beat 32 and
-    64 by 8-15% at batch 160-256 with 500-2,000-token contexts, within 5% of the best at
-    batch 64 x 512); a float8 cache, half the bytes per key, 64 keys, 2 warps, 4 stages
-    (56 us against 65 for the bf16 choice at batch 64 x 512-640)."""
+def default_decode_config(
+    device: torch.device, kv_dtype: torch.dtype, programs: int = 0
+) -> tuple[int, int, int]:
+    """``(block_n, num_warps, num_stages)`` of the decode kernel for ``programs`` (batch x
+    KV heads) programs per split: keys per inner iteration 16 under the interpreter. On
+    CUDA (``benchmarks/tune_decode_attention.py`` and ``bench_gpu.py``, H100, contiguous
+    slots): 128 keys, 4 warps, 2 stages (128 beat 32 and 64 by 8-15% at batch 160-256 with
+    500-2,000-token contexts, within 5% of the best at batch 64 x 512); with a float8 cache
+    and at most 4 programs per SM, 64 keys, 2 warps, 4 stages (batch 64 x 512-640: 56 us
+    against 65; 64 x (512, 128) decode 8,176 tok/s against 7,907), which lost at larger
+    batches (256 x U(100, 1024): 10,793 against 11,381)."""
     if is_interpreted() or device.type != "cuda":
         return 16, 4, 2
-    if kv_dtype.itemsize == 1:
+    if kv_dtype.itemsize == 1 and programs <= 4 * _num_sms(device):
         return 64, 2, 4
     return 128, 4, 2
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def choose_num_kv_splits(
@@ -651,7 +661,9 @@ def decode_attention(
     block_d = _block_d(head_dim)
     scale = (sm_scale if sm_scale is not None else head_dim**-0.5) * LOG2E
     r = rope or DecodeRope(q, q, kv_indptr, kv_indptr, q, q)  # placeholders, never read
-    default_n, default_warps, default_stages = default_decode_config(q.device, k_buf.dtype)
+    default_n, default_warps, default_stages = default_decode_config(
+        q.device, k_buf.dtype, batch_size * num_kv_heads
+    )
     _decode_partial_kernel[(batch_size, num_kv_heads, num_splits)](
         q,
         k_buf,
