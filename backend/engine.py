@@ -22,9 +22,9 @@ from typing import Any, TypeVar
 import torch
 
 from backend.attention.base import create_attention_backend
-from backend.config import KV_CACHE_DTYPES, EngineConfig
+from backend.config import EngineConfig
 from backend.constrained import Constraints
-from backend.kv_pool import KVPool, ReqToTokenTable, kv_pool_capacity
+from backend.kv_pool import KVPool, ReqToTokenTable, kv_cache_dtype, kv_pool_capacity
 from backend.model_loader import load_model, load_tokenizer, resolve_model_dir
 from backend.model_runner import ModelRunner
 from backend.native_decoder import NativeDecoder, unsupported_reason
@@ -167,6 +167,7 @@ class Engine:
         dtype = _DTYPES.get(config.dtype) or (
             torch.bfloat16 if device.type == "cuda" else torch.float32
         )
+        kv_dtype = kv_cache_dtype(config.kv_cache_dtype, dtype, device)
         self.model_dir = resolve_model_dir(model, require_weights=config.load_format != "dummy")
         self.tokenizer = load_tokenizer(self.model_dir)
         self.model = load_model(
@@ -183,8 +184,6 @@ class Engine:
         )
         self.eos_token_ids = self._eos_ids()
 
-        kv_name = KV_CACHE_DTYPES[config.kv_cache_dtype]
-        kv_dtype = getattr(torch, kv_name) if kv_name else dtype
         num_slots = config.max_total_tokens or kv_pool_capacity(
             self.model, kv_dtype, device, config
         )

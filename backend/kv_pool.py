@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from backend.config import KV_CACHE_DTYPES
+
 if TYPE_CHECKING:
     from backend.config import EngineConfig
     from backend.models.llama import CausalLM
@@ -110,6 +112,28 @@ class ReqToTokenTable:
 
     def free_row(self, row: int) -> None:
         self._free_rows.append(row)
+
+
+FLOAT8_MIN_CAPABILITY = (8, 9)
+"""Compute capability from which Triton has float8 e4m3 (Ada, Hopper and later)."""
+
+
+def kv_cache_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The pool dtype for ``EngineConfig.kv_cache_dtype`` ``name`` (``"auto"``: the model's).
+
+    Raises ``ValueError`` for float8 on a GPU older than compute capability 8.9, where the
+    attention kernels cannot be compiled for it."""
+    torch_name = KV_CACHE_DTYPES[name]
+    if torch_name is None:
+        return model_dtype
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FLOAT8_MIN_CAPABILITY:
+        raise ValueError(
+            f"kv_cache_dtype={name!r} needs a GPU of compute capability 8.9 or newer (Ada, "
+            f"Hopper); {torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}: "
+            "use kv_cache_dtype='auto'"
+        )
+    return getattr(torch, torch_name)
 
 
 def kv_pool_capacity(

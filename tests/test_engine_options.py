@@ -103,3 +103,17 @@ def test_kv_pool_size_defaults_on_cpu(tiny_root: Path) -> None:
 def test_bad_gpu_options_are_rejected(options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         EngineConfig(**options)
+
+
+def test_fp8_kv_cache_needs_compute_capability_8_9(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Float8 KV is refused before any kernel compiles on GPUs Triton has no float8 for."""
+    from backend.kv_pool import kv_cache_dtype
+
+    cuda = torch.device("cuda")
+    assert kv_cache_dtype("auto", torch.bfloat16, cuda) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ValueError, match=r"compute capability 8.9 or newer.*A100 is 8.0"):
+        kv_cache_dtype("fp8_e4m3", torch.bfloat16, cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert kv_cache_dtype("fp8_e4m3", torch.bfloat16, cuda) == torch.float8_e4m3fn

@@ -207,8 +207,12 @@ def test_fp8_kv_cache_halves_slot_bytes_and_keeps_first_tokens(
         assert all(len(r["output_ids"]) == GREEDY["max_new_tokens"] for r in out)
         agree = sum(r["output_ids"][0] == ref[0] for r, ref in zip(out, reference))
         assert agree >= len(PROMPTS) - 1
-        again = eng.generate(PROMPTS[:2], {**GREEDY, "ignore_eos": True})  # cached prefixes
-        assert [r["output_ids"] for r in again] == [r["output_ids"] for r in out[:2]]
+        # cached prefixes: the prompt's last token now attends to the float8 prefix, not to
+        # its own pass's bf16 K/V, so only the first tokens are compared
+        again = eng.generate(PROMPTS, {**GREEDY, "ignore_eos": True})
+        agree = sum(a["output_ids"][0] == r["output_ids"][0] for a, r in zip(again, out))
+        assert agree >= len(PROMPTS) - 1
+        assert eng.get_stats()["cache_hit_rate"] > 0
         check_idle(eng)
 
 
