@@ -37,10 +37,10 @@ class EngineConfig:
     of them as per-channel int8 (``backend/quantization.py``; their matmuls round activations to
     bfloat16); embeddings, norms, attention and the KV cache stay ``dtype``.
     ``kv_cache_dtype``: ``"auto"`` stores keys and values in the model's dtype;
-    ``"fp8_e4m3"`` (CUDA, compute capability >= 8.9) stores them as float8 e4m3 without scales (values round to
-    nearest and saturate at +-448, as SGLang's and vLLM's unscaled fp8 caches do): half
-    the bytes per token, so twice the slots and half the KV reads of a decode step; the
-    kernels compute in the model's dtype after loading.
+    ``"fp8_e4m3"`` (CUDA, compute capability >= 8.9) stores them as float8 e4m3 without
+    scales (values round to nearest and saturate at +-448, as SGLang's and vLLM's unscaled
+    fp8 caches do): half the bytes per token, so twice the slots and half the KV reads of
+    a decode step; the kernels compute in the model's dtype after loading.
     """
 
     model: str | None = None
