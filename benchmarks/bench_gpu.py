@@ -19,7 +19,7 @@ run's time minus that of the same run with one new token (its prefill). The roof
 measured device-to-device copy bandwidth. Usage (on a GPU)::
 
     python benchmarks/bench_gpu.py --tokenizer DIR [--only batch1,batch64] [--json out.json]
-        [--kv-cache-dtype fp8_e4m3]
+        [--kv-cache-dtype fp8_e4m3] [--chunked-prefill-size N]
 """
 
 from __future__ import annotations
@@ -248,6 +248,7 @@ def main() -> None:
     parser.add_argument("--only", default="batch1,batch64,random256,prefix,json64,small")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8_e4m3")
+    parser.add_argument("--chunked-prefill-size", type=int, default=None, help="engine default")
     args = parser.parse_args()
     only = set(args.only.split(","))
     device = torch.cuda.get_device_name()
@@ -260,6 +261,8 @@ def main() -> None:
     def make_engine(**options: Any) -> Engine:
         options.setdefault("max_running_requests", 256)
         options.setdefault("kv_cache_dtype", args.kv_cache_dtype)
+        if args.chunked_prefill_size:
+            options.setdefault("chunked_prefill_size", args.chunked_prefill_size)
         return Engine(str(big), device="cuda", load_format="dummy", **options)
 
     rows: list[dict] = []

@@ -60,6 +60,17 @@ def _dot_dtype(dtype: torch.dtype) -> tl.dtype:
     return _TL_DTYPES[dtype]
 
 
+def _decode_dot_dtype(q_dtype: torch.dtype, kv_dtype: torch.dtype) -> tl.dtype:
+    """The decode kernel's dot dtype: float16 over a float8 cache, whose loads then convert
+    with one instruction per two values (float8 -> bfloat16 takes several per value: batch
+    64 x 512-640 on an H100 took 50.9 us against 41.0); else ``_dot_dtype``. The query is
+    scaled by the softmax scale before its cast, so float16's range suffices."""
+    _dot_dtype(q_dtype)  # validates q_dtype
+    if kv_dtype.itemsize == 1:
+        return tl.float16
+    return _dot_dtype(q_dtype)
+
+
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -441,10 +452,11 @@ def _decode_partial_kernel(
         q_raw = tl.load(q_ptrs, mask=q_mask, other=0.0).to(tl.float32)
         q_roll = tl.load(q_ptrs - offs_d[None, :] + partner[None, :], mask=q_mask, other=0.0)
         q_rot = q_raw * cos[None, :] + q_roll.to(tl.float32) * sin[None, :]
-        q = q_rot.to(Q.dtype.element_ty).to(DOT_DTYPE)
+        q = q_rot.to(Q.dtype.element_ty).to(tl.float32)
         hi = tl.where(owns_new, hi - 1, hi)
     else:
-        q = tl.load(q_ptrs, mask=q_mask, other=0.0).to(DOT_DTYPE)
+        q = tl.load(q_ptrs, mask=q_mask, other=0.0).to(tl.float32)
+    q = (q * qk_scale).to(DOT_DTYPE)  # scaled first: keeps |q| in float16's range
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -456,7 +468,7 @@ def _decode_partial_kernel(
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k_ptrs = K_buf + slots[:, None] * stride_kbs + kvh * stride_kbh + offs_d[None, :]
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0).to(DOT_DTYPE)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -480,7 +492,7 @@ def _decode_partial_kernel(
             tl.store(K_buf + slot * stride_kbs + kvh * stride_kbh + offs_d, k_new, mask=mask_d)
             tl.store(V_buf + slot * stride_vbs + kvh * stride_vbh + offs_d, v_new, mask=mask_d)
             kf = k_new.to(DOT_DTYPE).to(tl.float32)
-            s_new = tl.sum(q.to(tl.float32) * kf[None, :], 1) * qk_scale
+            s_new = tl.sum(q.to(tl.float32) * kf[None, :], 1)
             m_new = tl.maximum(m_i, s_new)
             alpha = tl.exp2(m_i - m_new)
             p_new = tl.exp2(s_new - m_new)
@@ -547,17 +559,17 @@ def default_decode_config(
 ) -> tuple[int, int, int]:
     """``(block_n, num_warps, num_stages)`` of the decode kernel for ``programs`` (batch x
     KV heads) programs per split: keys per inner iteration 16 under the interpreter. On
-    CUDA (``benchmarks/tune_decode_attention.py`` and ``bench_gpu.py``, H100, contiguous
-    slots): 128 keys, 4 warps, 2 stages (128 beat 32 and 64 by 8-15% at batch 160-256 with
-    500-2,000-token contexts, within 5% of the best at batch 64 x 512); with a float8 cache
-    and at most 4 programs per SM, 64 keys, 2 warps, 4 stages (batch 64 x 512-640: 56 us
-    against 65; 64 x (512, 128) decode 8,176 tok/s against 7,907), which lost at larger
-    batches (256 x U(100, 1024): 10,793 against 11,381)."""
+    CUDA (``benchmarks/tune_decode_attention.py``, H100, random slots, L2-cold): one to four
+    programs per SM take 64 keys on 2 warps (batch 64 x 512-640: bf16 59.5 us against 62.9
+    for 128 keys on 4 warps; float8 40.4 against 45), more take 128 keys on 4 warps (batch
+    256 x 100-2,048: bf16 391 us, 2.77 TB/s; float8 262 against 280-297 for 64 keys), as
+    does a single request; float8 loads want more stages in flight (4 and 3 against 2)."""
     if is_interpreted() or device.type != "cuda":
         return 16, 4, 2
-    if kv_dtype.itemsize == 1 and programs <= 4 * _num_sms(device):
-        return 64, 2, 4
-    return 128, 4, 2
+    fp8 = kv_dtype.itemsize == 1
+    if _num_sms(device) <= programs <= 4 * _num_sms(device):
+        return 64, 2, 4 if fp8 else 2
+    return 128, 4, 3 if fp8 else 2
 
 
 @functools.cache
@@ -701,7 +713,7 @@ def decode_attention(
         BLOCK_D=block_d,
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n or default_n,
-        DOT_DTYPE=_dot_dtype(q.dtype),
+        DOT_DTYPE=_decode_dot_dtype(q.dtype, k_buf.dtype),
         PRECISION=_precision(q.dtype),
         ROPE=rope is not None,
         num_warps=num_warps or default_warps,
