@@ -308,24 +308,27 @@ def test_fp8_kv_cache_extend_reads_the_float8_prefix() -> None:
 
 
 @pytest.mark.skipif(not CUDA, reason="float8 needs a GPU (the interpreter has no float8)")
+@pytest.mark.parametrize("head_dim", [16, 24, 128])
 @pytest.mark.parametrize("with_rope", [False, True], ids=["rotated", "rope-in-kernel"])
-def test_fp8_kv_cache_store_and_decode(with_rope: bool) -> None:
+def test_fp8_kv_cache_store_and_decode(with_rope: bool, head_dim: int) -> None:
     """A float8 e4m3 pool: ``store_kv`` (and the RoPE decode kernel's own write) round like
-    torch's cast; decode over the float8 pool matches the float32 reference computed on the
-    dequantized pool within bf16's tolerance."""
+    torch's cast; decode over the float8 pool (values read as 32-bit words, masked past
+    head_dim 24 in a block of 32) matches the float32 reference computed on the dequantized
+    pool within bf16's tolerance."""
     from backend.fused_ops import rope_reference
 
     seq_lens, num_heads, num_kv_heads = [1, 17, 70, 300], 8, 2
-    pool = Pool(num_kv_heads, torch.bfloat16, seed=11)
+    pool = Pool(num_kv_heads, torch.bfloat16, seed=11, head_dim=head_dim)
     pool.k_buf = pool.k_buf.to(torch.float8_e4m3fn)
     pool.v_buf = pool.v_buf.to(torch.float8_e4m3fn)
+    assert tk._e4m3_words_ok(pool.v_buf)
     slots = [pool.take(n) for n in seq_lens]
     loc = torch.stack([s[-1] for s in slots])
     positions = torch.tensor([n - 1 for n in seq_lens], device=DEVICE)
-    qkv = pool.randn(len(seq_lens), num_heads + 2 * num_kv_heads, HEAD_DIM).to(torch.bfloat16)
+    qkv = pool.randn(len(seq_lens), num_heads + 2 * num_kv_heads, head_dim).to(torch.bfloat16)
     q, k = qkv[:, :num_heads], qkv[:, num_heads : num_heads + num_kv_heads]
     v = qkv[:, num_heads + num_kv_heads :]
-    angles = torch.rand(400, HEAD_DIM // 2, generator=pool.gen) * 6
+    angles = torch.rand(400, head_dim // 2, generator=pool.gen) * 6
     cos = torch.cat([angles.cos(), angles.cos()], -1).to(DEVICE)
     sin_signed = torch.cat([-angles.sin(), angles.sin()], -1).to(DEVICE)
     k_rot = rope_reference(k.float(), positions, cos, sin_signed).to(torch.bfloat16)
@@ -353,6 +356,27 @@ def test_fp8_kv_cache_store_and_decode(with_rope: bool) -> None:
     for i, (n, s) in enumerate(zip(seq_lens, slots)):
         ref = reference(q_rot[i : i + 1], pool.k_buf[s].float(), pool.v_buf[s].float(), n - 1)
         assert_close(out[i : i + 1], ref, torch.bfloat16)
+
+
+@pytest.mark.skipif(not CUDA, reason="float8 needs a GPU (the interpreter has no float8)")
+def test_fp8_values_read_as_words_or_bytes_agree() -> None:
+    """A float8 value buffer the word loads may not read (here: a view at an odd byte
+    offset) takes Triton's own conversion; both paths give the same output."""
+    seq_lens, num_heads, num_kv_heads, head_dim = [5, 64, 129], 8, 2, 32
+    pool = Pool(num_kv_heads, torch.bfloat16, seed=5, head_dim=head_dim)
+    k_buf = pool.k_buf.to(torch.float8_e4m3fn)
+    padded = torch.empty(pool.v_buf.numel() + 1, dtype=torch.float8_e4m3fn, device=DEVICE)
+    odd = padded[1:].view(pool.v_buf.shape)  # same values, address not a multiple of 4
+    odd.copy_(pool.v_buf.to(torch.float8_e4m3fn))
+    aligned = odd.clone()
+    assert tk._e4m3_words_ok(aligned) and not tk._e4m3_words_ok(odd)
+    slots = torch.cat([pool.take(n) for n in seq_lens])
+    q = pool.randn(len(seq_lens), num_heads, head_dim).to(torch.bfloat16)
+    outs = []
+    for v_buf in (aligned, odd):
+        outs.append(torch.empty_like(q))
+        tk.decode_attention(q, k_buf, v_buf, outs[-1], indptr(seq_lens), slots, 2, block_n=16)
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-3, rtol=2e-2)
 
 
 def test_choose_num_kv_splits() -> None:

@@ -71,6 +71,17 @@ def _decode_dot_dtype(q_dtype: torch.dtype, kv_dtype: torch.dtype) -> tl.dtype:
     return _dot_dtype(q_dtype)
 
 
+def _e4m3_words_ok(buf: torch.Tensor) -> bool:
+    """Whether ``_load_e4m3_rows_as_f16`` may read ``buf`` [slots, heads, D] as 32-bit words."""
+    return (
+        buf.dtype == torch.float8_e4m3fn
+        and buf.shape[-1] % 4 == 0
+        and buf.stride(0) % 4 == 0
+        and buf.stride(1) % 4 == 0
+        and buf.data_ptr() % 4 == 0
+    )
+
+
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -370,6 +381,36 @@ def extend_attention(
 
 
 @triton.jit
+def _load_e4m3_rows_as_f16(
+    Buf, slots, kvh, stride_s, stride_h, mask_n, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr
+):
+    """Rows ``Buf[slots, kvh, :HEAD_DIM]`` of a float8 e4m3 buffer as float16 ``[N, BLOCK_D]``
+    (zeros where ``mask_n`` is False or past ``HEAD_DIM``). Loaded as 32-bit words and
+    converted in registers by inline PTX (two values per ``cvt``) before the tile changes
+    layout: converted by Triton (``.to``), the values became the dot's operand as float8
+    and were read from shared memory one byte per instruction (the value operand of P @ V
+    needs a transposed load, which ``ldmatrix`` has only for 16-bit data). Needs
+    ``HEAD_DIM``, both strides and the buffer's address divisible by 4."""
+    words = Buf.to(tl.pointer_type(tl.int32), bitcast=True)
+    offs_w = tl.arange(0, BLOCK_D // 4)
+    ptrs = words + (slots[:, None] * stride_s + kvh * stride_h) // 4 + offs_w[None, :]
+    w = tl.load(ptrs, mask=mask_n[:, None] & (offs_w[None, :] < HEAD_DIM // 4), other=0)
+    e0, e1, e2, e3 = tl.inline_asm_elementwise(
+        "{ .reg .b16 lo, hi; .reg .b32 a, b; mov.b32 {lo, hi}, $4; "
+        "cvt.rn.f16x2.e4m3x2 a, lo; cvt.rn.f16x2.e4m3x2 b, hi; "
+        "mov.b32 {$0, $1}, a; mov.b32 {$2, $3}, b; }",
+        "=h,=h,=h,=h,r",
+        [w],
+        dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+        is_pure=True,
+        pack=1,
+    )
+    # join appends a minor axis: [n, w, j, i] holds e(2j + i), so rows flatten to e0..e3
+    quads = tl.join(tl.join(e0, e2), tl.join(e1, e3))
+    return tl.reshape(quads, (slots.shape[0], BLOCK_D))
+
+
+@triton.jit
 def _decode_partial_kernel(
     Q,
     K_buf,
@@ -410,6 +451,7 @@ def _decode_partial_kernel(
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
     ROPE: tl.constexpr,
+    V_AS_WORDS: tl.constexpr,
 ):
     """Program ``(b, kvh, split)``: the ``GROUP`` query heads of KV head ``kvh`` over one
     contiguous chunk of request ``b``'s slots.
@@ -474,8 +516,13 @@ def _decode_partial_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v_ptrs = V_buf + slots[:, None] * stride_vbs + kvh * stride_vbh + offs_d[None, :]
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0).to(DOT_DTYPE)
+        if V_AS_WORDS:  # float8 values: see _load_e4m3_rows_as_f16
+            v = _load_e4m3_rows_as_f16(
+                V_buf, slots, kvh, stride_vbs, stride_vbh, mask_n, HEAD_DIM, BLOCK_D
+            )
+        else:
+            v_ptrs = V_buf + slots[:, None] * stride_vbs + kvh * stride_vbh + offs_d[None, :]
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0).to(DOT_DTYPE)
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=PRECISION)
         m_i = m_new
 
@@ -716,6 +763,7 @@ def decode_attention(
         DOT_DTYPE=_decode_dot_dtype(q.dtype, k_buf.dtype),
         PRECISION=_precision(q.dtype),
         ROPE=rope is not None,
+        V_AS_WORDS=_e4m3_words_ok(v_buf),  # its dot dtype is float16
         num_warps=num_warps or default_warps,
         num_stages=num_stages or default_stages,
     )
