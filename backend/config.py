@@ -16,7 +16,9 @@ class EngineConfig:
     ``max_total_tokens`` is the KV pool size in token slots. Default: 32768 on CPU; on a
     GPU, what fits in ``mem_fraction_static`` of the device's memory (weights, KV pool and
     CUDA-graph buffers together) once the weights are loaded. ``chunked_prefill_size`` is the token
-    budget of one prefill forward pass; longer prompts are prefilled in chunks.
+    budget of one prefill forward pass; longer prompts are prefilled in chunks. Default: 2048 on
+    CPU, 8192 on CUDA (as SGLang on 80 GB GPUs: larger GEMMs; 256 x U(100, 1024) on an H100
+    prefilled in 3.65 s against 3.91 with 2048).
     ``schedule_policy`` is ``"lpm"`` (longest cached prefix first, falling back to FCFS when
     more than ``lpm_max_queue`` requests wait) or ``"fcfs"``.
     Constrained decoding: jump-forward (appending forced text as one prefill) is on unless
@@ -50,7 +52,7 @@ class EngineConfig:
     mem_fraction_static: float = 0.88
     max_running_requests: int = 128
     context_length: int | None = None
-    chunked_prefill_size: int = 2048
+    chunked_prefill_size: int | None = None
     schedule_policy: str = "lpm"
     lpm_max_queue: int = 128
     disable_radix_cache: bool = False
@@ -72,6 +74,8 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.chunked_prefill_size is None:
+            self.chunked_prefill_size = 8192 if str(self.device).startswith("cuda") else 2048
         for name in (
             "max_running_requests",
             "chunked_prefill_size",

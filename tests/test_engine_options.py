@@ -88,6 +88,14 @@ def test_kv_pool_size_defaults_on_cpu(tiny_root: Path) -> None:
         assert eng.scheduler.runner.graphs is None
 
 
+def test_prefill_chunk_defaults_per_device() -> None:
+    assert EngineConfig().chunked_prefill_size == 2048
+    assert EngineConfig(device="cuda").chunked_prefill_size == 8192
+    assert EngineConfig(device="cuda:1", chunked_prefill_size=512).chunked_prefill_size == 512
+    with pytest.raises(ValueError, match="chunked_prefill_size"):
+        EngineConfig(chunked_prefill_size=0)
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

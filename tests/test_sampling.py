@@ -205,6 +205,20 @@ def test_greedy_is_argmax_and_input_untouched(device: str) -> None:
     assert torch.equal(sample(logits, states, [0] * 8), logits.argmax(dim=1))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_over_bfloat16_logits(device: str) -> None:
+    """All-greedy rows without penalties or bans take the argmax of the model's bf16 logits
+    as they are (no float32 copy); a ban (EOS before ``min_new_tokens``) still applies."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(8, V, generator=g).to(torch.bfloat16).to(device)
+    logits[:, V - 1] = logits.max() + 1  # EOS is every row's maximum
+    states = [state(device, temperature=0.0) for _ in range(8)]
+    assert torch.equal(sample(logits, states, [0] * 8), logits.float().argmax(dim=1))
+    banned = [state(device, temperature=0.0, min_new_tokens=2) for _ in range(8)]
+    out = sample(logits, banned, [0] * 8)
+    assert torch.equal(out, logits.float()[:, : V - 1].argmax(dim=1))
+
+
 def test_tiny_top_p_is_argmax() -> None:
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(64, V, generator=g)

@@ -452,6 +452,7 @@ def _decode_partial_kernel(
     PRECISION: tl.constexpr,
     ROPE: tl.constexpr,
     V_AS_WORDS: tl.constexpr,
+    FINAL: tl.constexpr,
 ):
     """Program ``(b, kvh, split)``: the ``GROUP`` query heads of KV head ``kvh`` over one
     contiguous chunk of request ``b``'s slots.
@@ -460,7 +461,8 @@ def _decode_partial_kernel(
     splits of short requests can be empty; they store ``lse = -inf``. The query heads of
     one KV head are the rows of one ``tl.dot`` (padded to ``BLOCK_H`` >= 16), so each key
     and value is loaded once per KV head. Writes the normalized partial output
-    ``Mid_O[b, h, split]`` and its base-2 log-sum-exp ``Mid_LSE[b, h, split]``.
+    ``Mid_O[b, h, split]`` and its base-2 log-sum-exp ``Mid_LSE[b, h, split]``; with
+    ``FINAL`` (one split) ``Mid_O`` is the output itself and no LSE is written.
 
     With ``ROPE``, ``Q`` and ``K_new`` are not rotated yet: every program rotates its query
     heads at ``Positions[b]``, and the program whose chunk holds the request's last token
@@ -552,8 +554,10 @@ def _decode_partial_kernel(
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
     lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
     mo_ptrs = Mid_O + b * stride_mob + heads[:, None] * stride_moh + split * stride_mos
+    out = out.to(Mid_O.dtype.element_ty)
     tl.store(mo_ptrs + offs_d[None, :], out, mask=mask_g[:, None] & mask_d[None, :])
-    tl.store(Mid_LSE + b * stride_mlb + heads * stride_mlh + split, lse, mask=mask_g)
+    if not FINAL:
+        tl.store(Mid_LSE + b * stride_mlb + heads * stride_mlh + split, lse, mask=mask_g)
 
 
 @triton.jit
@@ -686,9 +690,10 @@ def decode_attention(
     """Write into ``o`` ``[B, H, D]`` the attention of one query per request over its slots.
 
     Flash-decoding in two launches: ``_decode_partial_kernel`` on a ``(B, Hkv, num_splits)``
-    grid, then ``_decode_reduce_kernel`` on ``(B, H)``. Every request needs at least one
-    slot. ``mid_o``/``mid_lse`` (from ``decode_partial_buffers`` with at least
-    ``num_splits`` splits) are allocated when not given. Launch parameters left ``None``
+    grid, then ``_decode_reduce_kernel`` on ``(B, H)``; with one split the first launch
+    writes ``o`` and is the only one. Every request needs at least one slot.
+    ``mid_o``/``mid_lse`` (from ``decode_partial_buffers`` with at least ``num_splits``
+    splits; unused with one split) are allocated when not given. Launch parameters left ``None``
     come from ``default_decode_config``.
 
     With ``rope``, ``q`` is not rotated yet and the new tokens' K/V are not in the pool:
@@ -710,7 +715,10 @@ def decode_attention(
         _check_last_dim_contiguous(rope.k, rope.v, rope.cos, rope.sin_signed)
         if head_dim % 2 or rope.cos.stride(0) != rope.sin_signed.stride(0):
             raise ValueError("RoPE needs an even head_dim and cos/sin tables of one layout")
-    if mid_o is None or mid_lse is None:
+    final = num_splits == 1  # the first launch writes o; no partial buffers, no reduction
+    if final:
+        mid_o, mid_lse = o.unsqueeze(2), o  # mid_lse: a placeholder, never written
+    elif mid_o is None or mid_lse is None:
         mid_o, mid_lse = decode_partial_buffers(
             batch_size, num_heads, head_dim, num_splits, q.device
         )
@@ -764,9 +772,12 @@ def decode_attention(
         PRECISION=_precision(q.dtype),
         ROPE=rope is not None,
         V_AS_WORDS=_e4m3_words_ok(v_buf),  # its dot dtype is float16
+        FINAL=final,
         num_warps=num_warps or default_warps,
         num_stages=num_stages or default_stages,
     )
+    if final:
+        return
     _decode_reduce_kernel[(batch_size, num_heads)](
         mid_o,
         mid_lse,
