@@ -31,7 +31,10 @@ class EngineConfig:
     GPU: decode steps of up to ``cuda_graph_max_bs`` requests replay CUDA graphs captured at
     start-up unless ``disable_cuda_graph``; with graphs, each decode step is launched from the
     previous step's sampled ids on the device before the host processes them, unless
-    ``disable_overlap_schedule``. ``load_format="dummy"`` skips the checkpoint's
+    ``disable_overlap_schedule``. ``enable_mixed_chunk`` (as SGLang's): a prefill pass also
+    carries the next token of every running request, so they keep decoding while prompts
+    are prefilled (their tokens count against ``chunked_prefill_size``).
+    ``load_format="dummy"`` skips the checkpoint's
     weights and initializes them randomly (benchmarks: speed does not depend on the values;
     only ``config.json`` and the tokenizer are read).
     ``quantization`` (CPU only for now; refused on CUDA): ``"int4"`` stores the decoder's linear
@@ -69,6 +72,7 @@ class EngineConfig:
     load_format: str = "auto"
     disable_cuda_graph: bool = False
     disable_overlap_schedule: bool = False
+    enable_mixed_chunk: bool = False
     cuda_graph_max_bs: int = 256
     quantization: str | None = None
     kv_cache_dtype: str = "auto"

@@ -106,7 +106,7 @@ class Scheduler:
             config.init_new_token_ratio - config.min_new_token_ratio
         ) / config.new_token_ratio_decay_steps
         self.num_retractions = 0
-        self.forward_steps = {"prefill": 0, "decode": 0}
+        self.forward_steps = {"prefill": 0, "decode": 0, "mixed": 0}
         self.jump_forward_tokens = 0
         self.inflight: InflightDecode | None = None  # overlapped decode (GPU only)
         self._ids_staging: list[torch.Tensor] = []
@@ -255,6 +255,9 @@ class Scheduler:
 
     def _prefill_step(self) -> bool:
         budget = self.config.chunked_prefill_size
+        mixing = self.config.enable_mixed_chunk and 0 < len(self.running) < budget
+        if mixing:
+            budget -= len(self.running)  # one token each, added once the chunk is known
         available = self.pool.num_free + self.cache.evictable_size - self._reserved_tokens()
         batch: list[tuple[Req, int]] = []  # (request, number of new tokens this pass)
         admitted: list[Req] = []  # requests newly admitted this pass, in order
@@ -291,7 +294,24 @@ class Scheduler:
                 # to retract one: retract an extending request, whose KV the others may evict.
                 self._retract(min(self.extending, key=self._retract_order))
             return False
-        self._run_prefill(batch)
+        self._run_prefill(batch, mixed=mixing and self._board_running(batch))
+        return True
+
+    def _board_running(self, batch: list[tuple[Req, int]]) -> bool:
+        """Append every running request to a prefill ``batch`` with its one next token (a
+        slot each); False (none appended) while a decode step is in flight or when the pool
+        cannot give them all a slot now."""
+        if self.inflight is not None:  # its requests' next tokens are not known yet
+            return False
+        reqs = list(self.running)
+        slots = self._alloc(len(reqs))
+        if slots is None:
+            return False
+        self.table.table[[r.row for r in reqs], [r.num_kv for r in reqs]] = slots
+        for req in reqs:
+            batch.append((req, 1))
+            req.pending_slots = 1
+            self.prefilling.append(req)
         return True
 
     def _admit(
@@ -400,8 +420,11 @@ class Scheduler:
             req.cached_tokens = min(prefix_len, len(req.input_ids))
             self.outputs.stats.record_admission(len(req.input_ids), req.cached_tokens)
 
-    def _run_prefill(self, batch: list[tuple[Req, int]]) -> None:
+    def _run_prefill(self, batch: list[tuple[Req, int]], mixed: bool) -> None:
+        """One extend pass over ``batch``; with ``mixed``, running requests at its end (one
+        token each, status RUNNING) sample their next token as a decode step would."""
         self.forward_steps["prefill"] += 1
+        self.forward_steps["mixed"] += mixed
         self.chunked = None
         rows, prefix_lens, new_tokens = [], [], []
         for req, chunk in batch:
@@ -450,6 +473,8 @@ class Scheduler:
             req.num_tree_owned += req.borrowed_slots
             req.num_kv += req.borrowed_slots + chunk
             req.borrowed_slots = req.pending_slots = 0
+            if req.status is ReqStatus.RUNNING:  # a passenger: its new slot stays its own
+                continue
             if req.wants_input_logprobs and req.num_kv >= len(req.input_ids):
                 req.input_logprobs_done = True
             self._cache_unfinished(req)

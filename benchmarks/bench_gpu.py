@@ -19,7 +19,7 @@ run's time minus that of the same run with one new token (its prefill). The roof
 measured device-to-device copy bandwidth. Usage (on a GPU)::
 
     python benchmarks/bench_gpu.py --tokenizer DIR [--only batch1,batch64] [--json out.json]
-        [--kv-cache-dtype fp8_e4m3] [--chunked-prefill-size N]
+        [--kv-cache-dtype fp8_e4m3] [--chunked-prefill-size N] [--enable-mixed-chunk]
 """
 
 from __future__ import annotations
@@ -144,6 +144,7 @@ class Bench:
         after = self.engine.get_stats()
         tokens = sum(len(o["output_ids"]) for o in out)
         decode_steps = after["forward_steps"]["decode"] - before["forward_steps"]["decode"]
+        mixed_steps = after["forward_steps"]["mixed"] - before["forward_steps"]["mixed"]
         steps = max(out_lens) - 1
         decode_s = max(wall - prefill_s, 1e-9)
         # KV read per step: each running request's context at that step.
@@ -162,7 +163,10 @@ class Bench:
             "bw_fraction": round(achieved / self.bandwidth, 3),
             "decode_steps": decode_steps,
             "prefill_steps": after["forward_steps"]["prefill"] - before["forward_steps"]["prefill"],
-            "mean_decode_batch": round((tokens - len(prompts)) / max(decode_steps, 1), 1),
+            "mixed_steps": mixed_steps,  # prefill passes that also decoded the running requests
+            "mean_decode_batch": round(
+                (tokens - len(prompts)) / max(decode_steps + mixed_steps, 1), 1
+            ),
             "retractions": after["retractions"] - before["retractions"],
         }
 
@@ -249,6 +253,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8_e4m3")
     parser.add_argument("--chunked-prefill-size", type=int, default=None, help="engine default")
+    parser.add_argument("--enable-mixed-chunk", action="store_true")
     args = parser.parse_args()
     only = set(args.only.split(","))
     device = torch.cuda.get_device_name()
@@ -263,6 +268,7 @@ def main() -> None:
         options.setdefault("kv_cache_dtype", args.kv_cache_dtype)
         if args.chunked_prefill_size:
             options.setdefault("chunked_prefill_size", args.chunked_prefill_size)
+        options.setdefault("enable_mixed_chunk", args.enable_mixed_chunk)
         return Engine(str(big), device="cuda", load_format="dummy", **options)
 
     rows: list[dict] = []
@@ -316,9 +322,11 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
         small.shutdown()
-    if args.kv_cache_dtype != "auto":
-        for row in rows:
+    for row in rows:
+        if args.kv_cache_dtype != "auto":
             row["workload"] += f" [KV {args.kv_cache_dtype}]"
+        if args.enable_mixed_chunk:
+            row["workload"] += " [mixed chunk]"
     results["rows"] = rows
     print_table(rows)
     if args.json:

@@ -88,6 +88,28 @@ def test_chunked_prefill_small_budget_matches(reference) -> None:
         eng.check_kv_invariant()
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"max_total_tokens": 4096, "chunked_prefill_size": 12},
+        {"max_total_tokens": 160, "chunked_prefill_size": 64},
+    ],
+    ids=["chunks", "retractions"],
+)
+def test_mixed_chunk_decodes_running_requests_inside_prefill_passes(reference, options) -> None:
+    """With ``enable_mixed_chunk`` the requests whose prompts are done decode inside the
+    passes that prefill the others (and, with 160 slots, through retractions): the same
+    greedy outputs as transformers, no KV leaked."""
+    with Engine(enable_mixed_chunk=True, **options) as eng:
+        out = eng.generate(PROMPTS, GREEDY)
+        assert [r["output_ids"] for r in out] == reference
+        steps = eng.get_stats()["forward_steps"]
+        assert 0 < steps["mixed"] < steps["prefill"]
+        eng.wait_idle()
+        acc = eng.check_kv_invariant()
+        assert acc["free"] + acc["evictable"] == acc["total"]
+
+
 def test_tiny_kv_pool_forces_retraction(reference) -> None:
     # 8 requests of ~10-50 prompt tokens + 32 outputs each do not fit in 160 slots at once
     with Engine(max_total_tokens=160, chunked_prefill_size=64) as eng:

@@ -135,6 +135,26 @@ def test_graphs_off_gives_the_same_tokens(tiny_dir: Path, reference: list[list[i
         check_idle(eng)
 
 
+def test_mixed_chunk_with_graphs_and_overlap_gives_the_same_tokens(
+    tiny_dir: Path, reference: list[list[int]]
+) -> None:
+    """Prefill passes that also decode the running requests (8-token chunks, so prompts
+    take several passes), between overlapped graph-replayed decode steps."""
+    with Engine(
+        str(tiny_dir),
+        device="cuda",
+        dtype="float32",
+        max_total_tokens=4096,
+        cuda_graph_max_bs=4,
+        chunked_prefill_size=8,
+        enable_mixed_chunk=True,
+    ) as eng:
+        out = eng.generate(PROMPTS, GREEDY)
+        assert [r["output_ids"] for r in out] == reference
+        assert eng.get_stats()["forward_steps"]["mixed"] > 0
+        check_idle(eng)
+
+
 def test_seeded_sampling_on_gpu_is_reproducible_across_batches(graph_engine: Engine) -> None:
     params = {"temperature": 1.0, "top_p": 0.9, "max_new_tokens": 16, "seed": 1234}
     alone = graph_engine.generate(PROMPTS[0], params)["output_ids"]
