@@ -119,6 +119,16 @@ class Bench:
         self.kv_bytes_per_token = engine.pool.bytes_per_slot()
         self.vocab = min(len(engine.tokenizer), model.vocab_size)
         self.rng = random.Random(0)
+        if engine.config.enable_mixed_chunk:  # compile the kernels of a mixed pass untimed
+            params = {"temperature": 0, "ignore_eos": True, "max_new_tokens": 64}
+            running = engine.submit(
+                input_ids=self.prompts([16]), sampling_params=params, stream=True
+            )[0]
+            while not (running.poll() or running.output_ids):  # decoding: later passes carry it
+                time.sleep(0.001)
+            engine.generate(input_ids=self.prompts([2048]), sampling_params=params)
+            running.result(timeout=600)
+            assert engine.get_stats()["forward_steps"]["mixed"] > 0
 
     def prompts(self, lengths: list[int]) -> list[list[int]]:
         return [[self.rng.randrange(100, self.vocab) for _ in range(n)] for n in lengths]

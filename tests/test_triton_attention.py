@@ -477,6 +477,37 @@ def test_backend_extend_then_decode_matches_torch_backend() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("prefix_lens", "extend_lens", "tail"),
+    [([0, 6, 34, 12, 0], [40, 3, 1, 1, 1], 3), ([20, 0], [1, 1], 2), ([5, 9], [1, 7], 0)],
+    ids=["prefill-then-decoding", "all-one-token", "one-token-first"],
+)
+def test_backend_mixed_extend_takes_the_decode_kernels_for_one_token_tail(
+    prefix_lens: list[int], extend_lens: list[int], tail: int
+) -> None:
+    """A mixed pass (prompt chunks, then running requests adding one token each): the
+    trailing one-token requests go through the decode kernels, the others through the
+    extend kernel; outputs and pool equal the torch backend's."""
+    pools = twin_pools(num_layers=2, num_kv_heads=2)
+    backend = TritonAttentionBackend(pools[0])
+    order = torch.randperm(NUM_SLOTS, generator=torch.Generator().manual_seed(5)) + 1
+    order = order.to(DEVICE)
+    slots, used = [], 0
+    for p, e in zip(prefix_lens, extend_lens):
+        slots.append(order[used : used + p + e])
+        used += p + e
+    spy = backend.init_forward_metadata
+    tails = []
+
+    def record(batch: ForwardBatch) -> None:
+        spy(batch)
+        tails.append(batch.attn_metadata.decode_tail)
+
+    backend.init_forward_metadata = record  # type: ignore[method-assign]
+    forward_both(ForwardMode.EXTEND, prefix_lens, extend_lens, slots, pools, 4, 6, backend)
+    assert tails == [tail]
+
+
 def test_create_attention_backend_selection() -> None:
     cpu_pool = KVPool(4, 1, 1, HEAD_DIM, torch.float32)
     assert isinstance(create_attention_backend(cpu_pool), TorchAttentionBackend)

@@ -5,8 +5,9 @@ pass, ``init_forward_metadata`` flattens the requests' slot lists into
 ``kv_indptr``/``kv_indices`` (one concatenation on the device) and, for DECODE, picks the
 number of KV splits and allocates the float32 split scratch that every layer reuses. Per
 layer, ``forward`` writes the new K/V with one kernel, then runs the extend kernel or the
-two decode kernels (``backend/attention/triton_kernels.py``); in DECODE, ``forward_qkv``
-folds RoPE and the KV write into the first decode kernel (two launches per layer, not four).
+decode kernels (``backend/attention/triton_kernels.py``); an extend pass whose last
+requests add one token each (a mixed pass's running requests) runs the decode kernels for
+those. In DECODE, ``forward_qkv`` folds RoPE and the KV write into the first decode kernel.
 
 Decode steps can also run from CUDA graphs (``backend/cuda_graph_runner.py``), which
 preset the metadata over static buffers. Not here: the torch backend's shared-prefix
@@ -32,10 +33,12 @@ class TritonAttnMetadata:
 
     kv_indptr: torch.Tensor  # [B + 1] int32: offsets of each request's slots in kv_indices
     kv_indices: torch.Tensor  # [sum(seq_lens)] int64 slots, prefix then new tokens
-    # EXTEND
+    # EXTEND (over the first B - decode_tail requests)
     qo_indptr: torch.Tensor | None = None  # [B + 1] int32 offsets of the new tokens
     prefix_lens: torch.Tensor | None = None  # [B] int32
     max_extend_len: int = 0
+    decode_tail: int = 0  # trailing one-token requests, attended by the decode kernels
+    tail_kv_indptr: torch.Tensor | None = None  # [decode_tail + 1] their kv_indptr entries
     # DECODE
     num_kv_splits: int = 1
     mid_o: torch.Tensor | None = None  # [B, H, S, D] float32
@@ -86,25 +89,37 @@ class TritonAttentionBackend:
         else:
             kv_indices = torch.zeros(1, dtype=torch.int64, device=device)
         if batch.mode == ForwardMode.EXTEND:
+            tail = _one_token_tail(batch.extend_lens)
+            head = batch.extend_lens[: batch.batch_size - tail]
             batch.attn_metadata = TritonAttnMetadata(
                 kv_indptr=kv_indptr,
                 kv_indices=kv_indices,
-                qo_indptr=_indptr(batch.extend_lens, device),
-                prefix_lens=torch.tensor(batch.prefix_lens, dtype=torch.int32, device=device),
-                max_extend_len=max(batch.extend_lens, default=0),
+                qo_indptr=_indptr(head, device),
+                prefix_lens=torch.tensor(
+                    batch.prefix_lens[: len(head)], dtype=torch.int32, device=device
+                ),
+                max_extend_len=max(head, default=0),
+                decode_tail=tail,
+                # its own tensor: a view into kv_indptr would change the pointer alignment
+                # Triton specializes on from pass to pass (a compilation each)
+                tail_kv_indptr=kv_indptr[len(head) :].clone() if tail else None,
+                num_kv_splits=self._splits(seq_lens[len(head) :]) if tail else 1,
             )
             return
-        splits = self.num_kv_splits or tk.choose_num_kv_splits(
-            batch.batch_size,
-            self.num_kv_heads,
-            max(seq_lens, default=1),
-            self.num_sms,
-            max_splits=self.max_kv_splits,
-        )
+        splits = self._splits(seq_lens)
         # The split scratch is allocated by the first layer (the pool does not know the
         # number of query heads) and reused by the others.
         batch.attn_metadata = TritonAttnMetadata(
             kv_indptr=kv_indptr, kv_indices=kv_indices, num_kv_splits=splits
+        )
+
+    def _splits(self, seq_lens: list[int]) -> int:
+        return self.num_kv_splits or tk.choose_num_kv_splits(
+            len(seq_lens),
+            self.num_kv_heads,
+            max(seq_lens, default=1),
+            self.num_sms,
+            max_splits=self.max_kv_splits,
         )
 
     def forward(
@@ -125,21 +140,34 @@ class TritonAttentionBackend:
             return self._decode(q, layer_id, meta)
         out = torch.empty_like(q)
         assert meta.qo_indptr is not None and meta.prefix_lens is not None
-        tk.extend_attention(
-            q,
-            k,
-            v,
-            out,
-            k_buf,
-            v_buf,
-            meta.qo_indptr,
-            meta.kv_indptr,
-            meta.kv_indices,
-            meta.prefix_lens,
-            meta.max_extend_len,
-            block_m=self.extend_block_m,
-            block_n=self.extend_block_n,
-        )
+        head = q.shape[0] - meta.decode_tail  # tokens of the requests that take the extend kernel
+        if head:
+            tk.extend_attention(
+                q[:head],
+                k[:head],
+                v[:head],
+                out[:head],
+                k_buf,
+                v_buf,
+                meta.qo_indptr,
+                meta.kv_indptr,
+                meta.kv_indices,
+                meta.prefix_lens,
+                meta.max_extend_len,
+                block_m=self.extend_block_m,
+                block_n=self.extend_block_n,
+            )
+        if meta.decode_tail:  # their new K/V is in the pool now, as a decode step expects
+            assert meta.tail_kv_indptr is not None
+            tail_meta = TritonAttnMetadata(
+                kv_indptr=meta.tail_kv_indptr,
+                kv_indices=meta.kv_indices,
+                num_kv_splits=meta.num_kv_splits,
+                mid_o=meta.mid_o,
+                mid_lse=meta.mid_lse,
+            )
+            out[head:] = self._decode(q[head:], layer_id, tail_meta)
+            meta.mid_o, meta.mid_lse = tail_meta.mid_o, tail_meta.mid_lse  # for later layers
         return out
 
     def forward_qkv(
@@ -188,6 +216,18 @@ class TritonAttentionBackend:
             rope=rope,
         )
         return out
+
+
+def _one_token_tail(extend_lens: list[int]) -> int:
+    """How many requests at the end of an extend batch add one token each (a mixed pass's
+    decoding requests): their attention is a decode step's, and the decode kernels read
+    each KV head once for its whole query group where the extend kernel reads it per head."""
+    tail = 0
+    for n in reversed(extend_lens):
+        if n != 1:
+            break
+        tail += 1
+    return tail
 
 
 def _indptr(lengths: list[int], device: torch.device) -> torch.Tensor:
