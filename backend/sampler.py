@@ -235,15 +235,13 @@ def sample(
             )
     banned = [s.banned_token_ids(num_output_tokens[i]) for i, s in enumerate(states)]
     any_bans = any(banned)
-    sample_rows = [i for i, s in enumerate(states) if not s.params.is_greedy]
-    if not (sample_rows or penalty_rows or any_bans):
-        return torch.argmax(logits, dim=1)  # exact in the logits' dtype: no float32 copy
     if logits.dtype != torch.float32 or ((penalty_rows or any_bans) and not inplace):
         logits = logits.to(torch.float32, copy=True)
         apply_penalties(logits, states, penalty_rows)
         if any_bans:
             _apply_bans(logits, banned)
 
+    sample_rows = [i for i, s in enumerate(states) if not s.params.is_greedy]
     if not sample_rows:
         return torch.argmax(logits, dim=1)
 

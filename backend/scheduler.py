@@ -31,6 +31,11 @@ from backend.sampler import to_device
 
 logger = logging.getLogger(__name__)
 
+INPUT_LOGPROB_ROWS_PER_PASS = 2048
+"""At most this many prompt tokens of requests that want input logprobs per prefill pass:
+their logits (``[rows, vocab]`` in float32, plus a log-softmax) are materialized at once,
+2 GB for a 128k vocabulary at 2,048 rows, whatever ``chunked_prefill_size`` is."""
+
 
 @dataclass
 class InflightDecode:
@@ -259,15 +264,18 @@ class Scheduler:
         if mixing:
             budget -= len(self.running)  # one token each, added once the chunk is known
         available = self.pool.num_free + self.cache.evictable_size - self._reserved_tokens()
+        logprob_rows = INPUT_LOGPROB_ROWS_PER_PASS
         batch: list[tuple[Req, int]] = []  # (request, number of new tokens this pass)
         admitted: list[Req] = []  # requests newly admitted this pass, in order
         candidates = ([self.chunked] if self.chunked else []) + self.extending
         candidates += self._ordered_waiting()
         for req in candidates:
-            if budget <= 0:
+            wants_rows = req.wants_input_logprobs
+            cap = min(budget, logprob_rows) if wants_rows else budget
+            if cap <= 0:
                 break
             if req.row is None:
-                chunk = self._admit(req, budget, available, admitted, nothing_else=not batch)
+                chunk = self._admit(req, cap, available, admitted, nothing_else=not batch)
                 if chunk is None:
                     if req.status is ReqStatus.FINISHED:
                         continue
@@ -276,7 +284,7 @@ class Scheduler:
                     continue
                 admitted.append(req)
             else:
-                chunk = min(len(req.fill_ids) - req.num_kv, budget)
+                chunk = min(len(req.fill_ids) - req.num_kv, cap)
                 slots = self._alloc(chunk)
                 if slots is None:  # it keeps its place (chunked or extending) and its KV
                     break
@@ -288,6 +296,8 @@ class Scheduler:
             self.prefilling.append(req)
             budget -= chunk
             available -= chunk
+            if wants_rows:
+                logprob_rows -= chunk
         if not batch:
             if self.extending and not self.running:
                 # No slots for the next chunk of the requests holding KV, and no decode step

@@ -148,6 +148,32 @@ def test_output_and_input_logprobs_match_transformers(idle_engine: Engine, hf_mo
     assert top[0][2] == idle_engine.tokenizer.decode([top[0][1]])
 
 
+def test_input_logprob_rows_per_prefill_pass_are_capped(
+    idle_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prompt that wants input logprobs is prefilled in passes of at most
+    ``INPUT_LOGPROB_ROWS_PER_PASS`` tokens (its logits are materialized at once), whatever
+    the chunk size; the logprobs equal those of one uncapped pass."""
+    from backend import scheduler
+
+    prompt, params = PREFIX + "Question: what colour is the sky?", {**GREEDY, "max_new_tokens": 2}
+    kw = {"return_logprob": True, "logprob_start_len": 0}
+    idle_engine.flush_cache()
+    uncapped = idle_engine.generate(prompt, params, **kw)["meta_info"]["input_token_logprobs"]
+    monkeypatch.setattr(scheduler, "INPUT_LOGPROB_ROWS_PER_PASS", 16)
+    with Engine(max_total_tokens=4096, chunked_prefill_size=1024) as eng:
+        res = eng.generate(prompt, params, **kw)
+        n_in = res["meta_info"]["prompt_tokens"]
+        assert eng.get_stats()["forward_steps"]["prefill"] == -(-n_in // 16)
+        capped = res["meta_info"]["input_token_logprobs"]
+        assert [t for _, t, _ in capped] == [t for _, t, _ in uncapped]
+        assert [lp for lp, _, _ in capped[1:]] == pytest.approx(
+            [lp for lp, _, _ in uncapped[1:]], abs=1e-4
+        )
+        plain = eng.generate(prompt, params)  # no logprobs: one pass over the cached prefix
+        assert plain["output_ids"] == res["output_ids"]
+
+
 def test_input_logprobs_from_a_start_position_after_cached_prefix(
     idle_engine: Engine, hf_model
 ) -> None:

@@ -67,17 +67,18 @@ def check_idle(engine: Engine) -> None:
     assert acc["protected"] == 0 and acc["owned_by_requests"] == 0
 
 
+GRAPHS_UP_TO_4 = {
+    "device": "cuda",
+    "dtype": "float32",
+    "max_total_tokens": 4096,
+    "cuda_graph_max_bs": 4,
+}
+"""float32 on the GPU with CUDA graphs for batch sizes up to 4 (larger: eager)."""
+
+
 @pytest.fixture(scope="module")
 def graph_engine(tiny_dir: Path) -> Iterator[Engine]:
-    """float32 on the GPU with CUDA graphs for batch sizes up to 4 (larger: eager)."""
-    with Engine(
-        str(tiny_dir),
-        device="cuda",
-        dtype="float32",
-        max_total_tokens=4096,
-        cuda_graph_max_bs=4,
-        chunked_prefill_size=64,
-    ) as eng:
+    with Engine(str(tiny_dir), chunked_prefill_size=64, **GRAPHS_UP_TO_4) as eng:
         yield eng
 
 
@@ -141,13 +142,7 @@ def test_mixed_chunk_with_graphs_and_overlap_gives_the_same_tokens(
     """Prefill passes that also decode the running requests (8-token chunks, so prompts
     take several passes), between overlapped graph-replayed decode steps."""
     with Engine(
-        str(tiny_dir),
-        device="cuda",
-        dtype="float32",
-        max_total_tokens=4096,
-        cuda_graph_max_bs=4,
-        chunked_prefill_size=8,
-        enable_mixed_chunk=True,
+        str(tiny_dir), chunked_prefill_size=8, enable_mixed_chunk=True, **GRAPHS_UP_TO_4
     ) as eng:
         out = eng.generate(PROMPTS, GREEDY)
         assert [r["output_ids"] for r in out] == reference

@@ -207,8 +207,8 @@ def test_greedy_is_argmax_and_input_untouched(device: str) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_greedy_over_bfloat16_logits(device: str) -> None:
-    """All-greedy rows without penalties or bans take the argmax of the model's bf16 logits
-    as they are (no float32 copy); a ban (EOS before ``min_new_tokens``) still applies."""
+    """Greedy rows over bf16 logits take their argmax; a ban (EOS before
+    ``min_new_tokens``) still applies."""
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(8, V, generator=g).to(torch.bfloat16).to(device)
     logits[:, V - 1] = logits.max() + 1  # EOS is every row's maximum

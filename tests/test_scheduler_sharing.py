@@ -72,6 +72,8 @@ CONFIGS = {
     # few rows: admission stops at max_running_requests
     "few_rows": {"max_total_tokens": 1200, "chunked_prefill_size": 64, "max_running_requests": 3},
     "no_cache": {"max_total_tokens": 1200, "chunked_prefill_size": 32, "disable_radix_cache": True},
+    # prefill passes also decode the running requests (one token each)
+    "mixed": {"max_total_tokens": 600, "chunked_prefill_size": 48, "enable_mixed_chunk": True},
 }
 
 
@@ -197,12 +199,12 @@ class Probe:
             for rid in self.aborts_at.pop(self.steps, []):
                 self.engine.abort(rid)  # runs before the next step
 
-        def checked_prefill(batch: list[tuple[Req, int]]) -> None:
+        def checked_prefill(batch: list[tuple[Req, int]], mixed: bool) -> None:
             try:
                 self.borrowers += check_batch(sched, batch)
             except AssertionError as exc:
                 self.errors.append(f"before pass at step {self.steps}: {exc}")
-            run_prefill(batch)
+            run_prefill(batch, mixed)
 
         sched.step = checked_step  # type: ignore[method-assign]
         sched._run_prefill = checked_prefill  # type: ignore[method-assign]
@@ -351,6 +353,8 @@ def probed(request: pytest.FixtureRequest) -> Iterator[tuple[str, Engine, Probe]
         ("tiny_pool", 1),
         ("few_rows", 0),
         ("no_cache", 0),
+        ("mixed", 0),
+        ("mixed", 1),
     ],
     indirect=["probed"],
 )
@@ -386,6 +390,8 @@ def test_randomized_rounds_keep_kv_ownership_and_outputs(
         assert not probe.errors, probe.errors[:3]
     if not engine.config.disable_radix_cache:
         assert probe.borrowers > borrowers_before  # the rounds did exercise borrowing
+    if engine.config.enable_mixed_chunk:
+        assert engine.get_stats()["forward_steps"]["mixed"] > 0
 
 
 @pytest.fixture(scope="module")
@@ -446,9 +452,9 @@ def test_a_pass_with_borrowers_that_fails_frees_each_slot_once(
     monkeypatch.setattr(owner, name, fault(name, getattr(owner, name), nth))
     run_prefill = sched._run_prefill
 
-    def arm_when_borrowing(batch: list[tuple[Req, int]]) -> None:
+    def arm_when_borrowing(batch: list[tuple[Req, int]], mixed: bool) -> None:
         armed["on"] = sum(1 for req, _ in batch if req.borrowed_slots) >= 2
-        run_prefill(batch)
+        run_prefill(batch, mixed)
 
     monkeypatch.setattr(sched, "_run_prefill", arm_when_borrowing)
     assert engine.flush_cache()

@@ -219,10 +219,11 @@ def run_decode(
     dtype: torch.dtype,
     num_splits: int,
     block_n: int = 16,
+    q_gain: float = 1.0,
 ) -> None:
     pool = Pool(num_kv_heads, dtype, seed=len(seq_lens) + num_splits)
     slots = [pool.take(n) for n in seq_lens]
-    q = pool.randn(len(seq_lens), num_heads, HEAD_DIM).to(dtype)
+    q = (pool.randn(len(seq_lens), num_heads, HEAD_DIM) * q_gain).to(dtype)
     out = torch.full_like(q, float("nan"))
     tk.decode_attention(
         q,
@@ -246,6 +247,13 @@ def test_decode_split_k(dtype: torch.dtype, group: int, num_splits: int) -> None
     """Lengths 1 (later splits empty), 16 (one block), 33 and 70 (several splits, one
     partial block each, and an empty last split with 3 splits of 32)."""
     run_decode([1, 16, 33, 70], 2 * group, 2, dtype, num_splits)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_peaked_softmax_from_large_queries(dtype: torch.dtype) -> None:
+    """|q| around 10-40 (peaked attention): the scores keep the query's precision (the
+    softmax scale is applied in float32, not folded into a rounded query)."""
+    run_decode([7, 70], 8, 2, dtype, num_splits=2, q_gain=12.0)
 
 
 def test_decode_gqa_group_not_a_power_of_two() -> None:
@@ -308,13 +316,19 @@ def test_fp8_kv_cache_extend_reads_the_float8_prefix() -> None:
 
 
 @pytest.mark.skipif(not CUDA, reason="float8 needs a GPU (the interpreter has no float8)")
+@pytest.mark.parametrize(
+    ("num_splits", "block_n"), [(3, 16), (1, None)], ids=["3-splits", "1-split-default-blocks"]
+)
 @pytest.mark.parametrize("head_dim", [16, 24, 128])
 @pytest.mark.parametrize("with_rope", [False, True], ids=["rotated", "rope-in-kernel"])
-def test_fp8_kv_cache_store_and_decode(with_rope: bool, head_dim: int) -> None:
+def test_fp8_kv_cache_store_and_decode(
+    with_rope: bool, head_dim: int, num_splits: int, block_n: int | None
+) -> None:
     """A float8 e4m3 pool: ``store_kv`` (and the RoPE decode kernel's own write) round like
     torch's cast; decode over the float8 pool (values read as 32-bit words, masked past
-    head_dim 24 in a block of 32) matches the float32 reference computed on the dequantized
-    pool within bf16's tolerance."""
+    head_dim 24 in a block of 32; split partials, or one split writing the output with the
+    device's default launch configuration) matches the float32 reference computed on the
+    dequantized pool within bf16's tolerance."""
     from backend.fused_ops import rope_reference
 
     seq_lens, num_heads, num_kv_heads = [1, 17, 70, 300], 8, 2
@@ -334,17 +348,17 @@ def test_fp8_kv_cache_store_and_decode(with_rope: bool, head_dim: int) -> None:
     k_rot = rope_reference(k.float(), positions, cos, sin_signed).to(torch.bfloat16)
     q_rot = rope_reference(q.float(), positions, cos, sin_signed).to(torch.bfloat16)
     out = torch.full_like(q_rot, float("nan"))
-    kv = (indptr(seq_lens), torch.cat(slots), 3)
+    kv = (indptr(seq_lens), torch.cat(slots), num_splits)
     if with_rope:
         rope = tk.DecodeRope(k, v, loc, positions, cos, sin_signed)
-        tk.decode_attention(q, pool.k_buf, pool.v_buf, out, *kv, block_n=16, rope=rope)
+        tk.decode_attention(q, pool.k_buf, pool.v_buf, out, *kv, block_n=block_n, rope=rope)
         # the same kernel on a bf16 pool stores the key float8 rounds from: bit-exact
         k_bf16, v_bf16 = pool.k_buf.to(torch.bfloat16), pool.v_buf.to(torch.bfloat16)
         tk.decode_attention(q, k_bf16, v_bf16, torch.empty_like(out), *kv, rope=rope)
         assert torch.equal(pool.k_buf[loc].float(), k_bf16[loc].to(torch.float8_e4m3fn).float())
     else:
         tk.store_kv(pool.k_buf, pool.v_buf, loc, k_rot, v.contiguous())
-        tk.decode_attention(q_rot, pool.k_buf, pool.v_buf, out, *kv, block_n=16)
+        tk.decode_attention(q_rot, pool.k_buf, pool.v_buf, out, *kv, block_n=block_n)
     stored_k, expected_k = pool.k_buf[loc].float(), k_rot.to(torch.float8_e4m3fn).float()
     if with_rope:  # the kernel's float32 rotation may round one bf16 ulp apart from torch's
         torch.testing.assert_close(stored_k, expected_k, atol=1e-3, rtol=0.13)

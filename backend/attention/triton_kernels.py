@@ -32,6 +32,7 @@ nearest; float16 and float32 run the exact GPU code path.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -63,8 +64,7 @@ def _dot_dtype(dtype: torch.dtype) -> tl.dtype:
 def _decode_dot_dtype(q_dtype: torch.dtype, kv_dtype: torch.dtype) -> tl.dtype:
     """The decode kernel's dot dtype: float16 over a float8 cache, whose loads then convert
     with one instruction per two values (float8 -> bfloat16 takes several per value: batch
-    64 x 512-640 on an H100 took 50.9 us against 41.0); else ``_dot_dtype``. The query is
-    scaled by the softmax scale before its cast, so float16's range suffices."""
+    64 x 512-640 on an H100 took 50.9 us against 41.0); else ``_dot_dtype``."""
     _dot_dtype(q_dtype)  # validates q_dtype
     if kv_dtype.itemsize == 1:
         return tl.float16
@@ -420,6 +420,7 @@ def _decode_partial_kernel(
     kv_indptr,
     kv_indices,
     num_splits,
+    q_scale,
     qk_scale,
     stride_qb,
     stride_qh,
@@ -500,7 +501,7 @@ def _decode_partial_kernel(
         hi = tl.where(owns_new, hi - 1, hi)
     else:
         q = tl.load(q_ptrs, mask=q_mask, other=0.0).to(tl.float32)
-    q = (q * qk_scale).to(DOT_DTYPE)  # scaled first: keeps |q| in float16's range
+    q = (q * q_scale).to(DOT_DTYPE)  # q_scale: a power of two (exact), see decode_attention
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -512,7 +513,7 @@ def _decode_partial_kernel(
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k_ptrs = K_buf + slots[:, None] * stride_kbs + kvh * stride_kbh + offs_d[None, :]
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0).to(DOT_DTYPE)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -541,7 +542,7 @@ def _decode_partial_kernel(
             tl.store(K_buf + slot * stride_kbs + kvh * stride_kbh + offs_d, k_new, mask=mask_d)
             tl.store(V_buf + slot * stride_vbs + kvh * stride_vbh + offs_d, v_new, mask=mask_d)
             kf = k_new.to(DOT_DTYPE).to(tl.float32)
-            s_new = tl.sum(q.to(tl.float32) * kf[None, :], 1)
+            s_new = tl.sum(q.to(tl.float32) * kf[None, :], 1) * qk_scale
             m_new = tl.maximum(m_i, s_new)
             alpha = tl.exp2(m_i - m_new)
             p_new = tl.exp2(s_new - m_new)
@@ -727,6 +728,13 @@ def decode_attention(
     group = num_heads // num_kv_heads
     block_d = _block_d(head_dim)
     scale = (sm_scale if sm_scale is not None else head_dim**-0.5) * LOG2E
+    dot_dtype = _decode_dot_dtype(q.dtype, k_buf.dtype)
+    # A bf16/fp32 query cast to float16 is first scaled by the power of two nearest below
+    # the softmax scale (exact; |q| up to ~5e5 then fits float16); the rest of the scale
+    # multiplies the float32 scores. Other queries are cast as they are.
+    q_scale = 2.0 ** math.floor(math.log2(scale)) if dot_dtype == tl.float16 else 1.0
+    if q.dtype == torch.float16:
+        q_scale = 1.0
     r = rope or DecodeRope(q, q, kv_indptr, kv_indptr, q, q)  # placeholders, never read
     default_n, default_warps, default_stages = default_decode_config(
         q.device, k_buf.dtype, batch_size * num_kv_heads
@@ -740,7 +748,8 @@ def decode_attention(
         kv_indptr,
         kv_indices,
         num_splits,
-        scale,
+        q_scale,
+        scale / q_scale,
         q.stride(0),
         q.stride(1),
         k_buf.stride(0),
@@ -768,7 +777,7 @@ def decode_attention(
         BLOCK_D=block_d,
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n or default_n,
-        DOT_DTYPE=_decode_dot_dtype(q.dtype, k_buf.dtype),
+        DOT_DTYPE=dot_dtype,
         PRECISION=_precision(q.dtype),
         ROPE=rope is not None,
         V_AS_WORDS=_e4m3_words_ok(v_buf),  # its dot dtype is float16
