@@ -515,7 +515,8 @@ def test_backend_mixed_extend_takes_the_decode_kernels_for_one_token_tail(
 
     def record(batch: ForwardBatch) -> None:
         spy(batch)
-        tails.append(batch.attn_metadata.decode_tail)
+        decode_tail = batch.attn_metadata.decode_tail
+        tails.append(decode_tail.num_requests if decode_tail else 0)
 
     backend.init_forward_metadata = record  # type: ignore[method-assign]
     forward_both(ForwardMode.EXTEND, prefix_lens, extend_lens, slots, pools, 4, 6, backend)

@@ -37,12 +37,16 @@ class TritonAttnMetadata:
     qo_indptr: torch.Tensor | None = None  # [B + 1] int32 offsets of the new tokens
     prefix_lens: torch.Tensor | None = None  # [B] int32
     max_extend_len: int = 0
-    decode_tail: int = 0  # trailing one-token requests, attended by the decode kernels
-    tail_kv_indptr: torch.Tensor | None = None  # [decode_tail + 1] their kv_indptr entries
+    # the trailing one-token requests' DECODE metadata (their attention is a decode step's)
+    decode_tail: TritonAttnMetadata | None = None
     # DECODE
     num_kv_splits: int = 1
     mid_o: torch.Tensor | None = None  # [B, H, S, D] float32
     mid_lse: torch.Tensor | None = None  # [B, H, S] float32
+
+    @property
+    def num_requests(self) -> int:
+        return self.kv_indptr.numel() - 1
 
 
 class TritonAttentionBackend:
@@ -99,12 +103,14 @@ class TritonAttentionBackend:
                     batch.prefix_lens[: len(head)], dtype=torch.int32, device=device
                 ),
                 max_extend_len=max(head, default=0),
-                decode_tail=tail,
-                # its own tensor: a view into kv_indptr would change the pointer alignment
-                # Triton specializes on from pass to pass (a compilation each)
-                tail_kv_indptr=kv_indptr[len(head) :].clone() if tail else None,
-                num_kv_splits=self._splits(seq_lens[len(head) :]) if tail else 1,
             )
+            if tail:  # kv_indptr's tail as its own tensor: a view would change the pointer
+                # alignment Triton specializes on from pass to pass (a compilation each)
+                batch.attn_metadata.decode_tail = TritonAttnMetadata(
+                    kv_indptr=kv_indptr[len(head) :].clone(),
+                    kv_indices=kv_indices,
+                    num_kv_splits=self._splits(seq_lens[len(head) :]),
+                )
             return
         splits = self._splits(seq_lens)
         # The split scratch is allocated by the first layer (the pool does not know the
@@ -140,7 +146,8 @@ class TritonAttentionBackend:
             return self._decode(q, layer_id, meta)
         out = torch.empty_like(q)
         assert meta.qo_indptr is not None and meta.prefix_lens is not None
-        head = q.shape[0] - meta.decode_tail  # tokens of the requests that take the extend kernel
+        tail = meta.decode_tail
+        head = q.shape[0] - (tail.num_requests if tail else 0)  # tokens for the extend kernel
         if head:
             tk.extend_attention(
                 q[:head],
@@ -157,17 +164,8 @@ class TritonAttentionBackend:
                 block_m=self.extend_block_m,
                 block_n=self.extend_block_n,
             )
-        if meta.decode_tail:  # their new K/V is in the pool now, as a decode step expects
-            assert meta.tail_kv_indptr is not None
-            tail_meta = TritonAttnMetadata(
-                kv_indptr=meta.tail_kv_indptr,
-                kv_indices=meta.kv_indices,
-                num_kv_splits=meta.num_kv_splits,
-                mid_o=meta.mid_o,
-                mid_lse=meta.mid_lse,
-            )
-            out[head:] = self._decode(q[head:], layer_id, tail_meta)
-            meta.mid_o, meta.mid_lse = tail_meta.mid_o, tail_meta.mid_lse  # for later layers
+        if tail:  # their new K/V is in the pool now, as a decode step expects
+            self._decode(q[head:], layer_id, tail, out=out[head:])
         return out
 
     def forward_qkv(
@@ -194,10 +192,13 @@ class TritonAttentionBackend:
         layer_id: int,
         meta: TritonAttnMetadata,
         rope: tk.DecodeRope | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The two decode kernels over layer ``layer_id``'s pool (``rope``: q and the new
-        K/V still to rotate and store); returns a new ``[B, H, D]`` tensor."""
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        """The decode kernels over layer ``layer_id``'s pool (``rope``: q and the new K/V
+        still to rotate and store); writes and returns ``out`` (a new ``[B, H, D]`` tensor
+        when not given)."""
+        if out is None:
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if meta.mid_o is None:
             meta.mid_o, meta.mid_lse = tk.decode_partial_buffers(
                 q.shape[0], q.shape[1], q.shape[2], meta.num_kv_splits, q.device
