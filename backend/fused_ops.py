@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from backend import cpu_ops
+from backend import cpu_ops, pdl
 
 try:
     import triton
@@ -117,6 +117,7 @@ def add_rms_norm_triton_(
         HAS_DELTA=has_delta,
         BLOCK=triton.next_power_of_2(hidden),
         num_warps=4 if hidden <= 4096 else 8,
+        **pdl.options(residual.device),
     )
     return out
 
@@ -130,7 +131,13 @@ def silu_and_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
         return out
     block = 1024
     _silu_and_mul_kernel[(rows, triton.cdiv(inter, block))](
-        gate_up, out, gate_up.stride(0), out.stride(0), inter, BLOCK=block
+        gate_up,
+        out,
+        gate_up.stride(0),
+        out.stride(0),
+        inter,
+        BLOCK=block,
+        **pdl.options(gate_up.device),
     )
     return out
 
@@ -175,8 +182,10 @@ if triton is not None:
         eps,
         HAS_DELTA: tl.constexpr,
         BLOCK: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
         """One program per row: optional residual update, then the normalized row."""
+        pdl.pdl_enter(USE_PDL)
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         mask = offs < N
@@ -193,8 +202,11 @@ if triton is not None:
         tl.store(Out + row * stride_o + offs, (w * normed).to(Out.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _silu_and_mul_kernel(GateUp, Out, stride_g, stride_o, INTER, BLOCK: tl.constexpr):
+    def _silu_and_mul_kernel(
+        GateUp, Out, stride_g, stride_o, INTER, BLOCK: tl.constexpr, USE_PDL: tl.constexpr
+    ):
         """Program ``(row, block)``: ``BLOCK`` columns of ``silu(gate) * up``."""
+        pdl.pdl_enter(USE_PDL)
         row = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < INTER

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from backend import cpu_ops
+from backend.gemv import gemv, gemv_applies
 
 if TYPE_CHECKING:
     from backend.models.llama import CausalLM
@@ -268,11 +269,15 @@ def linear(
     prefill: bool = False,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; a ``QuantizedWeight`` runs its own kernel (``prefill``:
-    ``x`` holds rows of a prefill pass, see ``QuantizedWeight.linear``). Float32 on the CPU:
-    decode steps of contiguous weights may take the native GEMV (``float_gemv_applies``),
-    other products oneDNN's linear where the build has it (``ONEDNN_F32_LINEAR``)."""
+    ``x`` holds rows of a prefill pass, see ``QuantizedWeight.linear``). On CUDA, products of
+    few rows take the Triton GEMV (``backend/gemv.py``; any pass: its rows are independent).
+    Float32 on the CPU: decode steps of contiguous weights may take the native GEMV
+    (``float_gemv_applies``), other products oneDNN's linear where the build has it
+    (``ONEDNN_F32_LINEAR``)."""
     if isinstance(weight, QuantizedWeight):
         return weight.linear(x, bias, prefill)
+    if gemv_applies(x, weight, bias):
+        return gemv(x, weight, bias)
     float32_cpu = (
         x.dim() == 2
         and x.dtype == weight.dtype == torch.float32

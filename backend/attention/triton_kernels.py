@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from backend import pdl
+
 LOG2E = 1.4426950408889634
 
 _TL_DTYPES: dict[torch.dtype, tl.dtype] = {
@@ -454,6 +456,7 @@ def _decode_partial_kernel(
     ROPE: tl.constexpr,
     V_AS_WORDS: tl.constexpr,
     FINAL: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """Program ``(b, kvh, split)``: the ``GROUP`` query heads of KV head ``kvh`` over one
     contiguous chunk of request ``b``'s slots.
@@ -471,6 +474,7 @@ def _decode_partial_kernel(
     takes them into its softmax from registers (its loop stops before that slot, so no
     program reads a slot this launch writes).
     """
+    pdl.pdl_enter(USE_PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -576,12 +580,14 @@ def _decode_reduce_kernel(
     stride_oh,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """Program ``(b, h)``: merge the ``num_splits`` partial outputs by their log-sum-exp.
 
     Split 0 is never empty (``seq_len >= 1``), so the running maximum is finite after it
     and empty splits (``lse = -inf``) get weight 0.
     """
+    pdl.pdl_enter(USE_PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_d = tl.arange(0, BLOCK_D)
@@ -784,6 +790,7 @@ def decode_attention(
         FINAL=final,
         num_warps=num_warps or default_warps,
         num_stages=num_stages or default_stages,
+        **pdl.options(q.device),
     )
     if final:
         return
@@ -801,6 +808,7 @@ def decode_attention(
         o.stride(1),
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
+        **pdl.options(q.device),
     )
 
 

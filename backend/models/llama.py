@@ -24,6 +24,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from backend.forward_batch import ForwardBatch, ForwardMode
 from backend.fused_ops import add_rms_norm_, rms_norm_reference, rope, silu_and_mul
+from backend.gemv import gemv, gemv_applies
 from backend.quantization import linear  # F.linear, or a quantized weight's kernel
 
 rms_norm = rms_norm_reference
@@ -178,6 +179,8 @@ class MLP(nn.Module):
         if self.gate_up_weight is None:
             gate = self.act_fn(F.linear(x, self.gate_proj.weight, self.gate_proj.bias))
             gate = gate.mul_(F.linear(x, self.up_proj.weight, self.up_proj.bias))
+        elif self.act_fn is F.silu and gemv_applies(x, self.gate_up_weight, self.gate_up_bias):
+            gate = gemv(x, self.gate_up_weight, self.gate_up_bias, silu_and_mul=True)
         elif self.act_fn is F.silu:
             gate = silu_and_mul(linear(x, self.gate_up_weight, self.gate_up_bias, prefill))
         else:
