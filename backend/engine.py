@@ -557,7 +557,10 @@ class Engine:
                     if fn is None:  # shutdown: nobody may wait on a request forever
                         self._fail_all("the engine was shut down")
                         return
-                    fn()
+                    try:
+                        fn()
+                    except Exception:  # a queued operation failed: log it, keep serving
+                        logger.exception("engine operation failed")
                     block = False
             except queue.Empty:
                 pass

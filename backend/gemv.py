@@ -40,14 +40,14 @@ _NUM_WARPS = 4
 
 def gemv_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether the engine takes `gemv` for ``F.linear(x, weight, bias)``: a CUDA ``x``
-    ``[M, K]`` with ``M <= GEMV_MAX_ROWS``, a 16-bit float ``weight`` ``[N, K]`` of the same
-    dtype with contiguous rows, and a bias (if any) of that dtype."""
+    ``[M, K]`` with ``M <= GEMV_MAX_ROWS`` of bfloat16, float16 or float32, a ``weight``
+    ``[N, K]`` of the same dtype with contiguous rows, and a bias (if any) of that dtype."""
     return (
         triton is not None
         and x.is_cuda
         and x.dim() == 2
         and 0 < x.shape[0] <= GEMV_MAX_ROWS
-        and x.dtype in (torch.bfloat16, torch.float16)
+        and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
         and weight.dtype == x.dtype
         and weight.dim() == 2
         and weight.stride(1) == 1

@@ -270,7 +270,7 @@ def linear(
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; a ``QuantizedWeight`` runs its own kernel (``prefill``:
     ``x`` holds rows of a prefill pass, see ``QuantizedWeight.linear``). On CUDA, products of
-    few rows take the Triton GEMV (``backend/gemv.py``; any pass: its rows are independent).
+    one row take the Triton GEMV (``backend/gemv.py``; any pass: its rows are independent).
     Float32 on the CPU: decode steps of contiguous weights may take the native GEMV
     (``float_gemv_applies``), other products oneDNN's linear where the build has it
     (``ONEDNN_F32_LINEAR``)."""

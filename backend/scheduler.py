@@ -125,12 +125,20 @@ class Scheduler:
     # ---- queue operations -------------------------------------------------------------
 
     def add(self, req: Req) -> None:
-        if req.params.constraint is not None:
-            req.status = ReqStatus.COMPILING
-            self.constraints.submit(req)
-            self.compiling.append(req)
-        else:
+        """Queue ``req``: to compile its constraint first, or to wait for a prefill. A
+        constraint that cannot be submitted (no token bytes for this tokenizer) finishes the
+        request with an abort naming the reason."""
+        if req.params.constraint is None:
             self.waiting.append(req)
+            return
+        try:
+            self.constraints.submit(req)
+        except ValueError as exc:
+            message = f"constrained decoding is unavailable: {exc}"
+            self.outputs.finish(req, {"type": "abort", "message": message})
+            return
+        req.status = ReqStatus.COMPILING
+        self.compiling.append(req)
 
     def has_work(self) -> bool:
         return bool(

@@ -6,7 +6,9 @@ decoder (read from its ``tokenizers`` backend):
 
 - byte-level BPE (GPT-2 style ``ByteLevel`` decoder): each character of a token stands for one
   byte through the GPT-2 byte-to-unicode table; a token with a character outside that table
-  contributes its UTF-8 encoding, as the decoder does;
+  contributes its UTF-8 encoding, as the decoder does. Steps before a final ``ByteLevel``
+  (byte fallback, replacements: transformers' layout for Llama-3-style GGUF tokenizers)
+  apply first;
 - SentencePiece style (``Metaspace`` / ``Replace`` decoders, optional ``ByteFallback``): the
   meta symbol (``▁``) becomes a space and ``<0xNN>`` tokens are the single byte 0xNN.
   ``Fuse`` and ``Strip`` are ignored: they only act on the start of the whole decoded text.
@@ -89,22 +91,30 @@ def _decoder_steps(spec: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _token_decoder(backend: Any) -> Callable[[str], bytes]:
-    """The function mapping one token string to its bytes, read from the backend's decoder."""
+    """The function mapping one token string to its bytes, read from the backend's decoder.
+
+    The per-token steps apply in the decoder's order: ``<0xNN>`` byte fallback, string
+    replacements (``Replace``, ``Metaspace``), and ``ByteLevel`` last when present (the
+    layout transformers gives Llama-3-style tokenizers read from GGUF: ``ByteFallback``,
+    ``Fuse``, ``Replace("▁", " ")``, ``ByteLevel``)."""
     if backend.decoder is None:
         raise ValueError("tokenizer has no decoder; its token bytes are unknown")
-    steps = _decoder_steps(json.loads(backend.decoder.__getstate__()))
-    kinds = {step["type"] for step in steps} - _WHOLE_TEXT_DECODERS
-    if kinds == {"ByteLevel"}:
-        return _byte_level_decoder()
+    all_steps = _decoder_steps(json.loads(backend.decoder.__getstate__()))
+    steps = [step for step in all_steps if step["type"] not in _WHOLE_TEXT_DECODERS]
+    kinds = sorted({step["type"] for step in steps})
+    byte_level = bool(steps) and steps[-1]["type"] == "ByteLevel"
     replacements: list[tuple[str, str]] = []
-    for step in steps:
+    byte_fallback = False
+    for step in steps[:-1] if byte_level else steps:
         if step["type"] == "Metaspace":
             replacements.append((step["replacement"], " "))
         elif step["type"] == "Replace" and "String" in step["pattern"]:
             replacements.append((step["pattern"]["String"], step["content"]))
-        elif step["type"] not in _WHOLE_TEXT_DECODERS | {"ByteFallback"}:
-            raise ValueError(f"unsupported tokenizer decoder {step['type']!r} in {sorted(kinds)}")
-    return _sentencepiece_decoder(replacements, byte_fallback="ByteFallback" in kinds)
+        elif step["type"] == "ByteFallback":
+            byte_fallback = True
+        else:
+            raise ValueError(f"unsupported tokenizer decoder step {step['type']!r} in {kinds}")
+    return _steps_decoder(replacements, byte_fallback, byte_level)
 
 
 def _gpt2_byte_to_unicode() -> dict[int, str]:
@@ -116,31 +126,26 @@ def _gpt2_byte_to_unicode() -> dict[int, str]:
     return table
 
 
-def _byte_level_decoder() -> Callable[[str], bytes]:
-    # Translate each table character to the Latin-1 character of its byte; Latin-1
-    # characters outside the table become U+FFFF so that Latin-1 encoding fails and the
-    # token falls back to UTF-8, like the ByteLevel decoder.
+def _steps_decoder(
+    replacements: list[tuple[str, str]], byte_fallback: bool, byte_level: bool
+) -> Callable[[str], bytes]:
+    # ByteLevel: translate each table character to the Latin-1 character of its byte;
+    # Latin-1 characters outside the table become U+FFFF so that Latin-1 encoding fails and
+    # the token falls back to UTF-8, like the ByteLevel decoder.
     translation = {ord(c): chr(b) for b, c in _gpt2_byte_to_unicode().items()}
     for b in range(256):
         translation.setdefault(b, "\uffff")
 
     def to_bytes(token: str) -> bytes:
-        try:
-            return token.translate(translation).encode("latin-1")
-        except UnicodeEncodeError:
-            return token.encode("utf-8")
-
-    return to_bytes
-
-
-def _sentencepiece_decoder(
-    replacements: list[tuple[str, str]], byte_fallback: bool
-) -> Callable[[str], bytes]:
-    def to_bytes(token: str) -> bytes:
         if byte_fallback and (m := _BYTE_TOKEN.fullmatch(token)):
             return bytes([int(m.group(1), 16)])
         for old, new in replacements:
             token = token.replace(old, new)
+        if byte_level:
+            try:
+                return token.translate(translation).encode("latin-1")
+            except UnicodeEncodeError:
+                pass
         return token.encode("utf-8")
 
     return to_bytes

@@ -71,6 +71,27 @@ def test_byte_level_tokens_match_decode(tok) -> None:
     assert checked > 0.9 * vocab.size
 
 
+def test_byte_level_after_gguf_llama3_steps(tok, vocab: Vocabulary) -> None:
+    """transformers gives Llama-3-style tokenizers read from GGUF the decoder ByteFallback,
+    Fuse, Replace("▁", " "), ByteLevel (seen on the GPU machine's transformers with the
+    embedded GGUF): the same token bytes as plain ByteLevel for this vocabulary."""
+    tok = copy.deepcopy(tok)
+    tok.backend_tokenizer.decoder = decoders.Sequence(
+        [
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Replace("▁", " "),
+            decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
+    assert Vocabulary.from_tokenizer(tok).token_bytes == vocab.token_bytes
+    tok.add_tokens(["<0x41>", "a▁b"])  # what the steps before ByteLevel act on
+    layered = Vocabulary.from_tokenizer(tok).token_bytes
+    ids = tok.convert_tokens_to_ids(["<0x41>", "a▁b"])
+    assert [layered[i] for i in ids] == [b"A", b"a b"]
+    assert [tok.backend_tokenizer.decode([i]) for i in ids] == ["A", "a b"]
+
+
 # --- An in-memory SentencePiece-style tokenizer (Metaspace, <0xNN> byte fallback) ----------
 
 CORPUS = [

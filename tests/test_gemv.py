@@ -1,7 +1,7 @@
 """The Triton GEMV of decode steps (``backend/gemv.py``) against a float64 reference.
 
 On CUDA the compiled kernel runs on the GPU and ``quantization.linear`` is checked to route
-products of few rows to it; without CUDA the kernel runs on CPU under Triton's interpreter
+one-row products to it; without CUDA the kernel runs on CPU under Triton's interpreter
 (in a subprocess when triton was imported first, see ``tests/triton_util.py``).
 """
 
@@ -46,7 +46,7 @@ def assert_rounded_once(ours: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bi
     ref = x.double() @ w.double().T
     if bias is not None:
         ref += bias.double()
-    mantissa_bits = 7 if ours.dtype == torch.bfloat16 else 10
+    mantissa_bits = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}[ours.dtype]
     exponent = torch.floor(torch.log2(ref.abs().clamp_min(1e-30)))
     ulp = torch.exp2(exponent - mantissa_bits)
     noise = 1e-6 * (x.double().abs() @ w.double().abs().T)
@@ -55,7 +55,7 @@ def assert_rounded_once(ours: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bi
     assert ((ours.double() - ref).abs() <= bound).all(), ((ours.double() - ref).abs() / ulp).max()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("rows", [1, 3, 8])
 @pytest.mark.parametrize(("out_features", "in_features"), [(40, 96), (24, 1500), (7, 2048)])
 def test_gemv_matches_float64(dtype: torch.dtype, rows: int, out_features: int, in_features: int):
@@ -98,7 +98,7 @@ def test_gemv_rejects_mismatched_features() -> None:
         gemv(x, randn(8, 65, dtype=torch.bfloat16, seed=11))
 
 
-def test_gemv_applies_only_to_few_rows_of_16_bit_cuda_tensors() -> None:
+def test_gemv_applies_only_to_one_row_of_float_cuda_tensors() -> None:
     w = torch.zeros(8, 64, dtype=torch.bfloat16)
     assert not gemv_applies(torch.zeros(1, 64, dtype=torch.bfloat16), w, None)  # CPU
     if not CUDA:
@@ -108,7 +108,8 @@ def test_gemv_applies_only_to_few_rows_of_16_bit_cuda_tensors() -> None:
     assert gemv_applies(one, w, None)
     assert gemv_applies(one, w, torch.zeros(8, dtype=torch.bfloat16, device="cuda"))
     assert not gemv_applies(torch.zeros(GEMV_MAX_ROWS + 1, 64, **_bf16_cuda()), w, None)
-    assert not gemv_applies(one.float(), w.float(), None)
+    assert gemv_applies(one.float(), w.float(), None)
+    assert not gemv_applies(one.double(), w.double(), None)
     assert not gemv_applies(one, w.half(), None)
     assert not gemv_applies(one, w.T.contiguous().T, None)  # columns not contiguous
     assert not gemv_applies(one, w, torch.zeros(8, dtype=torch.float32, device="cuda"))

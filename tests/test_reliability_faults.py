@@ -82,6 +82,25 @@ def test_constraint_that_fails_to_compile(url: str, params: dict, needle: str) -
     assert needle in error_message(generate(url, "Hi", max_new_tokens=4, **params))
 
 
+def test_tokenizer_without_token_bytes_fails_only_constrained_requests() -> None:
+    """A tokenizer whose decoder gives no token bytes (a GGUF tokenizer from another
+    transformers version once did, and the engine thread died): a constrained request
+    finishes with an abort naming the decoder; plain requests still run; no KV leaks."""
+    from tokenizers import decoders
+
+    with Engine(max_total_tokens=560, context_length=CONTEXT, num_threads=1) as eng:
+        eng.tokenizer.backend_tokenizer.decoder = decoders.WordPiece()
+        params = {"temperature": 0, "max_new_tokens": 4}
+        [handle] = eng.submit("Year:", {**params, "regex": "[0-9]{4}"})
+        out = handle.result(timeout=60)  # lost with the engine thread before: TimeoutError
+        reason = out["meta_info"]["finish_reason"]
+        assert reason["type"] == "abort" and "WordPiece" in reason["message"], reason
+        plain = eng.generate("Hello", params)
+        assert plain["meta_info"]["finish_reason"]["type"] == "length"
+        eng.wait_idle()
+        eng.check_kv_invariant()
+
+
 def test_compile_timeout_frees_the_compiler(url: str) -> None:
     """A constraint too big to compile in time fails with a 400 in about the time limit,
     other requests run meanwhile, and the compiler is free again right after."""
