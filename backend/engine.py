@@ -559,23 +559,28 @@ class Engine:
                         return
                     try:
                         fn()
-                    except Exception:  # a queued operation failed: log it, keep serving
-                        logger.exception("engine operation failed")
+                    except Exception as exc:  # a queued operation (add, abort) failed
+                        self._recover("engine operation failed", exc)
                     block = False
             except queue.Empty:
                 pass
             if self.scheduler.has_work():
                 try:
                     self.scheduler.step()
-                except Exception as exc:  # keep serving: fail the requests in flight
-                    logger.exception("engine step failed")
-                    self._fail_all(f"internal error: {exc}")
-                    # The failed pass may have left KV half-written in slots the requests
-                    # handed to the cache: drop every cached prefix rather than reuse one.
-                    try:
-                        self.cache.reset()
-                    except RuntimeError:
-                        logger.exception("could not drop the cached prefixes")
+                except Exception as exc:
+                    self._recover("engine step failed", exc)
+
+    def _recover(self, what: str, exc: Exception) -> None:
+        """Keep serving after a failure on the engine thread: fail the requests in flight and
+        drop every cached prefix (a failed pass may have left KV half-written in slots the
+        requests handed to the cache; a failed operation may have left a request half
+        removed), so that nothing waits forever and no slot stays held."""
+        logger.exception(what)
+        self._fail_all(f"internal error: {exc}")
+        try:
+            self.cache.reset()
+        except RuntimeError:
+            logger.exception("could not drop the cached prefixes")
 
     def _fail_all(self, message: str) -> None:
         sched = self.scheduler

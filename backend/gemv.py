@@ -2,12 +2,13 @@
 
 A decode step at batch 1 streams every weight once and does two flops per byte, so each
 linear layer is a pure memory read. On an H100, cuBLAS reads the Llama-3-8B matrices at
-2.15-2.87 TB/s at one row (the 4,096 x 4,096 o projection at 2.15); this kernel reads them at
-2.55-3.17 TB/s (`benchmarks/bench_gemv.py`; 6-7% off a whole batch-1 decode step). One
-program computes one output: it streams its weight row in ``BLOCK_K`` chunks (contiguous
-2 KB loads), multiplies them by the input row (read from L2) and sums in float32. With one
-program per output feature (4,096 to 128,256 in an 8B model) every SM holds many programs
-and keeps enough loads in flight to saturate HBM, with no split-K reduction pass.
+2.11-2.87 TB/s at one row (the 4,096 x 4,096 o projection at 2.11); this kernel reads them at
+2.72-3.18 TB/s (`benchmarks/bench_gemv.py`, graph-timed, L2-cold; batch-1 decode 164.5 ->
+177.3 tok/s). One program computes one output: it streams its weight row in ``BLOCK_K``
+chunks (contiguous loads, the next chunk loaded before the current one is multiplied),
+multiplies them by the input row (read from L2) and sums in float32. With one program per
+output feature (4,096 to 128,256 in an 8B model) every SM holds many programs and keeps
+enough loads in flight to saturate HBM, with no split-K reduction pass.
 
 The MLP's gate/up product fuses ``silu(gate) * up`` (``silu_and_mul=True``): a program
 streams a gate row and its up row together and writes only the activation, one launch fewer
@@ -75,6 +76,8 @@ def gemv(
         if out_features % 2:
             raise ValueError(f"gemv: silu_and_mul needs cat(gate, up), got {out_features} rows")
         out_features //= 2
+    if rows * out_features >= 2**31:
+        raise ValueError(f"gemv: {rows} x {out_features} outputs exceed its int32 grid")
     if x.stride(1) != 1:
         x = x.contiguous()
     out = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)

@@ -12,8 +12,12 @@ launched without PDL (cuBLAS, torch) run after their predecessor completes, as a
 
 Kernels take a ``USE_PDL`` constexpr and call `pdl_enter` where their dependent part begins,
 in every program (no program may return before it); their launch passes
-``**options(device)``. Users: the GEMV, residual-add + RMSNorm, SiLU-and-multiply and the
-two decode-attention kernels -- at batch 1 every launch of a layer. Measured on an H100
+``**options(device)``. `SGL_DSL_PDL=0` in the environment turns PDL off (read once per
+device). Weights may be read before the wait because nothing writes them while the engine
+runs; an in-place weight update would have to synchronize first.
+
+Users: the GEMV, residual-add + RMSNorm, SiLU-and-multiply and the two decode-attention
+kernels -- at batch 1 every launch of a layer. Measured on an H100
 (`benchmarks/bench_gpu.py`, PDL on vs off, one machine): Llama-3-8B batch-1 decode 178.5 ->
 181.2 tok/s, the SmolLM2-135M shape 1,346-1,350 -> 1,617-1,641; at 64 x 512 7,855 -> 7,956
 (within run-to-run spread: those steps are mostly cuBLAS, which does not take part).
@@ -22,6 +26,7 @@ two decode-attention kernels -- at batch 1 every launch of a layer. Measured on 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -42,14 +47,22 @@ except ImportError:  # a triton without grid dependency control
 
 def options(device: torch.device) -> dict[str, bool]:
     """Launch keywords for a kernel with a ``USE_PDL`` constexpr running on ``device``."""
-    if device.type == "cuda" and _pdl_on(device.index or torch.cuda.current_device()):
-        return {"USE_PDL": True, "launch_pdl": True}
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if _pdl_on(index):
+            return {"USE_PDL": True, "launch_pdl": True}
     return {"USE_PDL": False}
 
 
 @functools.cache
 def _pdl_on(device_index: int) -> bool:
-    return _TRITON_HAS_PDL and torch.cuda.get_device_capability(device_index) >= (9, 0)
+    """PDL on NVIDIA GPUs of compute capability 9.0+ (not ROCm), unless `SGL_DSL_PDL=0`."""
+    return (
+        _TRITON_HAS_PDL
+        and os.environ.get("SGL_DSL_PDL", "1") != "0"
+        and torch.version.hip is None
+        and torch.cuda.get_device_capability(device_index) >= (9, 0)
+    )
 
 
 if _TRITON_HAS_PDL:

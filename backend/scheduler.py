@@ -126,15 +126,16 @@ class Scheduler:
 
     def add(self, req: Req) -> None:
         """Queue ``req``: to compile its constraint first, or to wait for a prefill. A
-        constraint that cannot be submitted (no token bytes for this tokenizer) finishes the
-        request with an abort naming the reason."""
+        constraint that cannot be submitted (say, a tokenizer whose token bytes are unknown)
+        finishes the request with an abort naming the reason (HTTP 500 on the server)."""
         if req.params.constraint is None:
             self.waiting.append(req)
             return
         try:
             self.constraints.submit(req)
-        except ValueError as exc:
-            message = f"constrained decoding is unavailable: {exc}"
+        except Exception as exc:  # the compiler could not be built: this request fails
+            logger.error("constraint of %s not submitted: %s", req.rid, exc)
+            message = f"constraint compilation failed: {exc}"
             self.outputs.finish(req, {"type": "abort", "message": message})
             return
         req.status = ReqStatus.COMPILING

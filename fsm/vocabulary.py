@@ -8,10 +8,11 @@ decoder (read from its ``tokenizers`` backend):
   byte through the GPT-2 byte-to-unicode table; a token with a character outside that table
   contributes its UTF-8 encoding, as the decoder does. Steps before a final ``ByteLevel``
   (byte fallback, replacements: transformers' layout for Llama-3-style GGUF tokenizers)
-  apply first;
+  apply first; where they make a token's bytes depend on its neighbours, it maps to None;
 - SentencePiece style (``Metaspace`` / ``Replace`` decoders, optional ``ByteFallback``): the
   meta symbol (``▁``) becomes a space and ``<0xNN>`` tokens are the single byte 0xNN.
-  ``Fuse`` and ``Strip`` are ignored: they only act on the start of the whole decoded text.
+  ``Strip`` is ignored (it acts on the start of the whole decoded text), and so is ``Fuse``
+  except before ``ByteLevel``.
 
 Non-special added tokens go through the same decoder (their content is their token string);
 special tokens, ids without a token, and tokens contributing no bytes map to None.
@@ -90,19 +91,22 @@ def _decoder_steps(spec: dict[str, Any]) -> list[dict[str, Any]]:
     return [spec]
 
 
-def _token_decoder(backend: Any) -> Callable[[str], bytes]:
-    """The function mapping one token string to its bytes, read from the backend's decoder.
+def _token_decoder(backend: Any) -> Callable[[str], bytes | None]:
+    """The function mapping one token string to its bytes (None: not defined per token),
+    read from the backend's decoder.
 
-    The per-token steps apply in the decoder's order: ``<0xNN>`` byte fallback, string
-    replacements (``Replace``, ``Metaspace``), and ``ByteLevel`` last when present (the
-    layout transformers gives Llama-3-style tokenizers read from GGUF: ``ByteFallback``,
-    ``Fuse``, ``Replace("▁", " ")``, ``ByteLevel``)."""
+    Per-token steps: ``<0xNN>`` byte fallback and string replacements (``Replace``,
+    ``Metaspace``), then ``ByteLevel`` when it is the last step (the layout transformers
+    gives Llama-3-style tokenizers read from GGUF: ``ByteFallback``, ``Fuse``,
+    ``Replace("▁", " ")``, ``ByteLevel``; see `_steps_decoder` for what ByteLevel-last
+    leaves undefined)."""
     if backend.decoder is None:
         raise ValueError("tokenizer has no decoder; its token bytes are unknown")
     all_steps = _decoder_steps(json.loads(backend.decoder.__getstate__()))
     steps = [step for step in all_steps if step["type"] not in _WHOLE_TEXT_DECODERS]
     kinds = sorted({step["type"] for step in steps})
     byte_level = bool(steps) and steps[-1]["type"] == "ByteLevel"
+    fused = byte_level and any(step["type"] == "Fuse" for step in all_steps)
     replacements: list[tuple[str, str]] = []
     byte_fallback = False
     for step in steps[:-1] if byte_level else steps:
@@ -114,7 +118,7 @@ def _token_decoder(backend: Any) -> Callable[[str], bytes]:
             byte_fallback = True
         else:
             raise ValueError(f"unsupported tokenizer decoder step {step['type']!r} in {kinds}")
-    return _steps_decoder(replacements, byte_fallback, byte_level)
+    return _steps_decoder(replacements, byte_fallback, byte_level, fused)
 
 
 def _gpt2_byte_to_unicode() -> dict[int, str]:
@@ -127,25 +131,38 @@ def _gpt2_byte_to_unicode() -> dict[int, str]:
 
 
 def _steps_decoder(
-    replacements: list[tuple[str, str]], byte_fallback: bool, byte_level: bool
-) -> Callable[[str], bytes]:
-    # ByteLevel: translate each table character to the Latin-1 character of its byte;
-    # Latin-1 characters outside the table become U+FFFF so that Latin-1 encoding fails and
-    # the token falls back to UTF-8, like the ByteLevel decoder.
+    replacements: list[tuple[str, str]], byte_fallback: bool, byte_level: bool, fused: bool
+) -> Callable[[str], bytes | None]:
+    """Without ``byte_level``: ``<0xNN>`` is byte NN, other tokens their replaced UTF-8.
+
+    With ``byte_level`` each character stands for one byte through the GPT-2 table, and a
+    token with a character outside the table contributes its UTF-8, as the ByteLevel
+    decoder does -- per token, unless a ``fused`` step joined the text first: then that
+    fallback covers the whole text, so such tokens get None. Byte fallback before ByteLevel
+    turns ``<0xNN>`` into the character U+00NN only for ASCII NN (higher bytes join their
+    neighbours into one character first): NN >= 0x80 gets None."""
+    # Translate each table character to the Latin-1 character of its byte; Latin-1
+    # characters outside the table become U+FFFF so that Latin-1 encoding fails.
     translation = {ord(c): chr(b) for b, c in _gpt2_byte_to_unicode().items()}
     for b in range(256):
         translation.setdefault(b, "\uffff")
 
-    def to_bytes(token: str) -> bytes:
+    def to_bytes(token: str) -> bytes | None:
         if byte_fallback and (m := _BYTE_TOKEN.fullmatch(token)):
-            return bytes([int(m.group(1), 16)])
+            byte = int(m.group(1), 16)
+            if not byte_level:
+                return bytes([byte])
+            if byte >= 0x80:
+                return None
+            token = chr(byte)
         for old, new in replacements:
             token = token.replace(old, new)
         if byte_level:
             try:
                 return token.translate(translation).encode("latin-1")
             except UnicodeEncodeError:
-                pass
+                if fused:
+                    return None
         return token.encode("utf-8")
 
     return to_bytes

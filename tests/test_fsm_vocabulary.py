@@ -85,11 +85,18 @@ def test_byte_level_after_gguf_llama3_steps(tok, vocab: Vocabulary) -> None:
         ]
     )
     assert Vocabulary.from_tokenizer(tok).token_bytes == vocab.token_bytes
-    tok.add_tokens(["<0x41>", "a▁b"])  # what the steps before ByteLevel act on
-    layered = Vocabulary.from_tokenizer(tok).token_bytes
-    ids = tok.convert_tokens_to_ids(["<0x41>", "a▁b"])
-    assert [layered[i] for i in ids] == [b"A", b"a b"]
-    assert [tok.backend_tokenizer.decode([i]) for i in ids] == ["A", "a b"]
+    # Tokens the steps before ByteLevel act on. Fuse joins the text before ByteLevel, so a
+    # token outside the GPT-2 table would switch the whole text to UTF-8: not per token.
+    added = {"<0x41>": b"A", "<0x0A>": None, "<0xC3>": None, "a▁b": None, "xyz": b"xyz"}
+    tok.add_tokens(list(added))
+    layered = Vocabulary.from_tokenizer(tok)
+    prefix = tok.encode(" hello", add_special_tokens=False)
+    for text, expected in added.items():
+        token_id = tok.convert_tokens_to_ids(text)
+        assert layered.token_bytes[token_id] == expected, text
+        if expected is not None:  # inside a longer text, as the detokenizer decodes it
+            decoded = tok.backend_tokenizer.decode([*prefix, token_id]).encode()
+            assert decoded == layered.encode_bytes([*prefix, token_id]), text
 
 
 # --- An in-memory SentencePiece-style tokenizer (Metaspace, <0xNN> byte fallback) ----------

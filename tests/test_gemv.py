@@ -172,9 +172,12 @@ def test_dependent_launches_compute_what_ordered_launches_compute(
             delta = gemv(gemv(x, gate_up, silu_and_mul=True), down)
         return fused_ops.add_rms_norm_(delta, residual, norm_weight, 1e-5)
 
-    with monkeypatch.context() as patch:
-        patch.setattr(pdl, "options", lambda device: {"USE_PDL": False})
+    with monkeypatch.context() as patch:  # the switch users have
+        patch.setenv("SGL_DSL_PDL", "0")
+        pdl._pdl_on.cache_clear()
+        assert not pdl.options(DEVICE)["USE_PDL"]
         expected = chain(start.clone())
+    pdl._pdl_on.cache_clear()
     assert torch.equal(chain(start.clone()), expected)
     residual = start.clone()
     chain(residual.clone())  # compile outside the capture

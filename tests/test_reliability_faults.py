@@ -170,6 +170,29 @@ def test_a_failing_forward_pass_fails_only_its_step(
     assert again["meta_info"]["cached_tokens"] == 0
 
 
+def test_a_failing_queued_operation_leaves_the_engine_serving(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception in an operation the engine thread runs between steps (here an abort)
+    goes through the same recovery as a failed step (requests in flight fail with an
+    internal error, tested above) instead of killing the thread: later requests run."""
+
+    raised = threading.Event()
+
+    def abort(rid: str, message: str = "aborted") -> bool:
+        raised.set()
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(engine.scheduler, "abort", abort)
+    engine.abort("some-request")
+    assert raised.wait(60)
+    monkeypatch.undo()
+    [handle] = engine.submit("Hello", {"temperature": 0, "max_new_tokens": 2})
+    out = handle.result(timeout=60)  # a dead engine thread: TimeoutError
+    assert out["meta_info"]["finish_reason"]["type"] == "length"
+    engine.check_kv_invariant()
+
+
 def test_stop_string_never_met(url: str) -> None:
     params = {"max_new_tokens": 12, "ignore_eos": True, "stop": ["QQZZQQ"], "stop_regex": ["@@@"]}
     out = generate(url, "Tell me about cats.", **params).json()
