@@ -52,8 +52,11 @@ def test_byte_level_specials_and_eos(tok, vocab: Vocabulary) -> None:
 
 def test_byte_level_tokens_match_decode(tok) -> None:
     """Every token whose bytes are valid UTF-8 decodes alone to exactly those bytes, added
-    non-special tokens included (they go through the ByteLevel decoder too)."""
+    non-special tokens included (they go through the ByteLevel decoder too). The decoder is
+    pinned to plain ByteLevel: transformers versions differ in what they build from the GGUF
+    (the layered layout is tested below)."""
     tok = copy.deepcopy(tok)
+    tok.backend_tokenizer.decoder = decoders.ByteLevel()
     tok.add_tokens(["ĠĠzz", "é x", "<think>", AddedToken("<tool>", special=True)])
     vocab = Vocabulary.from_tokenizer(tok)
     assert vocab.token_bytes[-4:-1] == [b"  zz", "é x".encode(), b"<think>"]
