@@ -20,7 +20,7 @@ from backend import fused_ops as fo  # noqa: E402
 from backend.models.llama import rope_tables  # noqa: E402
 
 RUN_HERE = triton_util.runs_here(fo.is_interpreted())
-DEVICE = torch.device("cuda" if CUDA else "cpu")
+DEVICE = triton_util.DEVICE
 DTYPES = [torch.float32, torch.bfloat16]
 
 
@@ -35,8 +35,7 @@ def test_interpreter_subprocess() -> None:
 
 
 def randn(*shape: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=gen) * 2).to(device=DEVICE, dtype=dtype)
+    return triton_util.randn(*shape, dtype=dtype, seed=seed, scale=2.0)
 
 
 def assert_close_in_dtype(ours: torch.Tensor, ref: torch.Tensor) -> None:

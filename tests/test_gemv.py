@@ -21,7 +21,8 @@ from backend.gemv import GEMV_MAX_ROWS, gemv, gemv_applies  # noqa: E402
 from backend.quantization import linear  # noqa: E402
 
 RUN_HERE = triton_util.runs_here(fused_ops.is_interpreted())
-DEVICE = torch.device("cuda" if CUDA else "cpu")
+DEVICE = triton_util.DEVICE
+randn = triton_util.randn
 
 
 @pytest.fixture(autouse=True)
@@ -32,11 +33,6 @@ def kernels_here(request: pytest.FixtureRequest) -> None:
 def test_interpreter_subprocess() -> None:
     """Without CUDA, run this module again in a process where the interpreter is on."""
     triton_util.rerun_interpreted(__file__, RUN_HERE, noconftest=True, timeout=300)
-
-
-def randn(*shape: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=gen).to(device=DEVICE, dtype=dtype)
 
 
 def assert_rounded_once(ours: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias=None) -> None:

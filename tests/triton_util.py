@@ -18,6 +18,8 @@ import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+"""Where the kernel tests' tensors live: the GPU, or the CPU under the interpreter."""
 
 
 def prepare() -> None:
@@ -51,3 +53,9 @@ def rerun_interpreted(test_file: str, here: bool, noconftest: bool, timeout: flo
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
     assert " passed" in output and "failed" not in output, output[-6000:]
+
+
+def randn(*shape: int, dtype: torch.dtype, seed: int, scale: float = 1.0) -> torch.Tensor:
+    """Seeded standard normal values times ``scale``, drawn on the CPU, on `DEVICE`."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=gen) * scale).to(device=DEVICE, dtype=dtype)
