@@ -41,7 +41,7 @@ def test_interpreter_subprocess() -> None:
     triton_util.rerun_interpreted(__file__, RUN_HERE, noconftest=True, timeout=300)
 
 
-DEVICE = torch.device("cuda" if CUDA else "cpu")
+DEVICE = triton_util.DEVICE
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 

@@ -47,7 +47,7 @@ def test_interpreter_subprocess() -> None:
     triton_util.rerun_interpreted(__file__, RUN_HERE, noconftest=False, timeout=900)
 
 
-DEVICE = torch.device("cuda" if CUDA else "cpu")
+DEVICE = triton_util.DEVICE
 HEAD_DIM = 16
 NUM_SLOTS = 400
 # (atol, rtol) against the float32 reference computed from the same rounded inputs.
