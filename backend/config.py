@@ -20,7 +20,10 @@ class EngineConfig:
     CPU, 8192 on CUDA (as SGLang on 80 GB GPUs: larger GEMMs; 256 x U(100, 1024) on an H100
     prefilled in 3.65 s against 3.91 with 2048).
     ``schedule_policy`` is ``"lpm"`` (longest cached prefix first, falling back to FCFS when
-    more than ``lpm_max_queue`` requests wait) or ``"fcfs"``.
+    more than ``lpm_max_queue`` requests wait), ``"fcfs"`` or ``"lof"`` (as SGLang's: the
+    longest remaining ``max_new_tokens`` first, FCFS among equals; for offline batches
+    whose requests arrive together, with ``enable_mixed_chunk`` and a small
+    ``chunked_prefill_size`` the short requests are prefilled while the long ones decode).
     Constrained decoding: jump-forward (appending forced text as one prefill) is on unless
     ``disable_regex_jump_forward``; JSON is compact unless
     ``constrained_json_whitespace_pattern`` (e.g. ``"[ \\n\\t]*"``) allows whitespace between
@@ -124,9 +127,9 @@ class EngineConfig:
                 f"kv_cache_dtype={self.kv_cache_dtype!r} needs a CUDA device (the Triton "
                 f"attention kernels read it); device={self.device!r} keeps the model's dtype"
             )
-        if self.schedule_policy not in ("lpm", "fcfs"):
+        if self.schedule_policy not in ("lpm", "fcfs", "lof"):
             raise ValueError(
-                f"schedule_policy must be 'lpm' or 'fcfs', got {self.schedule_policy!r}"
+                f"schedule_policy must be 'lpm', 'fcfs' or 'lof', got {self.schedule_policy!r}"
             )
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(

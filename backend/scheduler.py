@@ -252,6 +252,8 @@ class Scheduler:
                 for r in reqs
             }
             reqs.sort(key=lambda r: -lens[id(r)])
+        elif self.config.schedule_policy == "lof":
+            reqs.sort(key=lambda r: -r.remaining_new_tokens)  # stable: FCFS among equals
         return reqs
 
     def _reserved_tokens(self) -> int:

@@ -264,6 +264,7 @@ def main() -> None:
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8_e4m3")
     parser.add_argument("--chunked-prefill-size", type=int, default=None, help="engine default")
     parser.add_argument("--enable-mixed-chunk", action="store_true")
+    parser.add_argument("--schedule-policy", default=None, help="lpm (default), fcfs or lof")
     args = parser.parse_args()
     only = set(args.only.split(","))
     device = torch.cuda.get_device_name()
@@ -279,6 +280,8 @@ def main() -> None:
         if args.chunked_prefill_size:
             options.setdefault("chunked_prefill_size", args.chunked_prefill_size)
         options.setdefault("enable_mixed_chunk", args.enable_mixed_chunk)
+        if args.schedule_policy:
+            options.setdefault("schedule_policy", args.schedule_policy)
         return Engine(str(big), device="cuda", load_format="dummy", **options)
 
     rows: list[dict] = []

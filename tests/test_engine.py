@@ -293,6 +293,26 @@ def test_request_added_mid_generation_joins_running_batch(idle_engine: Engine) -
     assert short["output_ids"] == solo["output_ids"]
 
 
+@pytest.mark.parametrize(
+    ("policy", "first_admitted"),
+    [("fcfs", 0), ("lpm", 0), ("lof", 1)],  # lof: longest max_new_tokens, FCFS among equals
+)
+def test_schedule_policy_picks_the_first_request_to_admit(policy: str, first_admitted: int) -> None:
+    """One request runs at a time and all four prompts are equal, so only the first one
+    admitted computes the prompt: the others find it cached."""
+    new_tokens = (2, 6, 6, 4)
+    params = [{"max_new_tokens": n, "temperature": 0, "ignore_eos": True} for n in new_tokens]
+    with Engine(max_total_tokens=2048, max_running_requests=1, schedule_policy=policy) as eng:
+        out = eng.generate([PROMPTS[3]] * len(new_tokens), params)
+        computed = [r["meta_info"]["cached_tokens"] == 0 for r in out]
+        assert computed == [i == first_admitted for i in range(len(new_tokens))]
+        assert [len(r["output_ids"]) for r in out] == list(new_tokens)
+        eng.wait_idle()
+        eng.check_kv_invariant()
+    with pytest.raises(ValueError, match="schedule_policy must be 'lpm', 'fcfs' or 'lof'"):
+        Engine(schedule_policy="longest")
+
+
 def test_abort_running_and_waiting_requests_frees_everything(idle_engine: Engine) -> None:
     handles = idle_engine.submit(
         [PROMPTS[1], PROMPTS[2]],
