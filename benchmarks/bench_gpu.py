@@ -16,7 +16,13 @@ Workloads:
 Bandwidth: a decode step reads every weight except the embedding table plus the KV of every
 token in the batch; achieved = those bytes x steps / decode time, where decode time is the
 run's time minus that of the same run with one new token (its prefill). The roofline is the
-measured device-to-device copy bandwidth. Usage (on a GPU)::
+measured device-to-device copy bandwidth.
+
+End-to-end bound (``e2e_bound_tok_s``): the output tokens over the time a run would take
+with its prefill at the measured dense bf16 matmul throughput (linear and attention FLOPs;
+or, when longer, each prefill pass reading the weights once at the copy bandwidth) and then
+its decode steps at the copy bandwidth (the bytes above): prefill and decode in series, as
+the engine runs them when the requests arrive together. Usage (on a GPU)::
 
     python benchmarks/bench_gpu.py --tokenizer DIR [--only batch1,batch64] [--json out.json]
         [--kv-cache-dtype fp8_e4m3] [--chunked-prefill-size N] [--enable-mixed-chunk]
@@ -103,13 +109,34 @@ def copy_bandwidth(nbytes: int = 2 << 30) -> float:
     return nbytes / best
 
 
-class Bench:
-    """One engine and the byte counts of its model."""
+def matmul_throughput(n: int = 8192) -> float:
+    """Dense bf16 ``n x n x n`` matmul throughput in FLOP/s, best of 10."""
+    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    best = float("inf")
+    for _ in range(12):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.mm(a, b)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    del a, b
+    return 2 * n**3 / best
 
-    def __init__(self, engine: Engine, bandwidth: float) -> None:
+
+class Bench:
+    """One engine and the byte and FLOP counts of its model."""
+
+    def __init__(self, engine: Engine, bandwidth: float, flops: float) -> None:
         self.engine = engine
         self.bandwidth = bandwidth
+        self.flops = flops
         model = engine.model
+        # (fused q/k/v and gate/up are not parameters: the projections' weights view them)
+        self.layer_params = sum(p.numel() for p in model.model.layers.parameters() if p.dim() == 2)
+        self.head_params = model.lm_head.weight.numel()
+        self.attn_width = model.num_heads * model.head_dim * model.num_layers
         embed = model.model.embed_tokens.weight
         self.weight_bytes = sum(
             p.numel() * p.element_size()
@@ -129,6 +156,16 @@ class Bench:
             engine.generate(input_ids=self.prompts([2048]), sampling_params=params)
             running.result(timeout=600)
             assert engine.get_stats()["forward_steps"]["mixed"] > 0
+
+    def prefill_bound_s(self, in_lens: list[int]) -> float:
+        """Seconds to prefill prompts of ``in_lens`` (uncached) at the matmul throughput or,
+        when longer, one weight read per prefill pass at the copy bandwidth."""
+        tokens = sum(in_lens)
+        linear = 2 * self.layer_params * tokens + 2 * self.head_params * len(in_lens)
+        causal_pairs = sum(n * (n + 1) // 2 for n in in_lens)  # (query, key) pairs
+        attention = 4 * self.attn_width * causal_pairs  # q.k and p.v per pair, head and layer
+        passes = -(-tokens // self.engine.config.chunked_prefill_size)
+        return max((linear + attention) / self.flops, passes * self.weight_bytes / self.bandwidth)
 
     def prompts(self, lengths: list[int]) -> list[list[int]]:
         return [[self.rng.randrange(100, self.vocab) for _ in range(n)] for n in lengths]
@@ -161,6 +198,7 @@ class Bench:
         kv_tokens = sum(sum(i + j for j in range(1, o)) for i, o in zip(in_lens, out_lens) if o > 1)
         moved = steps * self.weight_bytes + kv_tokens * self.kv_bytes_per_token
         achieved = moved / decode_s
+        bound_s = self.prefill_bound_s(in_lens) + moved / self.bandwidth
         return {
             "workload": name,
             "requests": len(prompts),
@@ -171,6 +209,8 @@ class Bench:
             "decode_tok_s": round((tokens - len(prompts)) / decode_s, 1),
             "decode_bw_TBps": round(achieved / 1e12, 3),
             "bw_fraction": round(achieved / self.bandwidth, 3),
+            "e2e_bound_tok_s": round(tokens / bound_s, 1),
+            "e2e_of_bound": round(bound_s / wall, 3),
             "decode_steps": decode_steps,
             "prefill_steps": after["forward_steps"]["prefill"] - before["forward_steps"]["prefill"],
             "mixed_steps": mixed_steps,  # prefill passes that also decoded the running requests
@@ -268,10 +308,17 @@ def main() -> None:
     args = parser.parse_args()
     only = set(args.only.split(","))
     device = torch.cuda.get_device_name()
-    bandwidth = copy_bandwidth()
-    print(f"# {device}; copy bandwidth {bandwidth / 1e12:.2f} TB/s; torch {torch.__version__}")
+    bandwidth, flops = copy_bandwidth(), matmul_throughput()
+    print(
+        f"# {device}; copy bandwidth {bandwidth / 1e12:.2f} TB/s; bf16 matmul "
+        f"{flops / 1e12:.0f} TFLOP/s; torch {torch.__version__}"
+    )
     root = Path(tempfile.mkdtemp())
-    results: dict[str, Any] = {"device": device, "copy_bandwidth_TBps": bandwidth / 1e12}
+    results: dict[str, Any] = {
+        "device": device,
+        "copy_bandwidth_TBps": bandwidth / 1e12,
+        "matmul_TFLOPs": flops / 1e12,
+    }
     big = model_dir(LLAMA3_8B, args.tokenizer, root, "llama3-8b")
 
     def make_engine(**options: Any) -> Engine:
@@ -291,7 +338,7 @@ def main() -> None:
         f"# Llama-3-8B-shaped engine ready in {time.perf_counter() - start:.1f} s, "
         f"{engine.config.max_total_tokens} KV slots"
     )
-    bench = Bench(engine, bandwidth)
+    bench = Bench(engine, bandwidth, flops)
     for name, fn in (
         ("batch1", run_batch1),
         ("batch64", run_batch64),
@@ -308,7 +355,7 @@ def main() -> None:
     free_gpu_memory()
     if "prefix" in only:
         off = make_engine(disable_radix_cache=True)
-        off_s, _ = time_prefix(Bench(off, bandwidth))
+        off_s, _ = time_prefix(Bench(off, bandwidth, flops))
         off.shutdown()
         del off
         free_gpu_memory()
@@ -329,7 +376,7 @@ def main() -> None:
             load_format="dummy",
             kv_cache_dtype=args.kv_cache_dtype,
         )
-        sb = Bench(small, bandwidth)
+        sb = Bench(small, bandwidth, flops)
         for row in run_batch1(sb) + run_batch64(sb):
             row["workload"] = "SmolLM2-135M " + row["workload"]
             rows.append(row)
