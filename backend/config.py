@@ -34,7 +34,9 @@ class EngineConfig:
     GPU: decode steps of up to ``cuda_graph_max_bs`` requests replay CUDA graphs captured at
     start-up unless ``disable_cuda_graph``; with graphs, each decode step is launched from the
     previous step's sampled ids on the device before the host processes them, unless
-    ``disable_overlap_schedule``. ``enable_mixed_chunk`` (as SGLang's): a prefill pass also
+    ``disable_overlap_schedule``; prefill passes of up to 16 requests and
+    ``cuda_graph_max_prefill_tokens`` new tokens (0: none) replay graphs too.
+    ``enable_mixed_chunk`` (as SGLang's): a prefill pass also
     carries the next token of every running request, so they keep decoding while prompts
     are prefilled (their tokens count against ``chunked_prefill_size``).
     ``load_format="dummy"`` skips the checkpoint's
@@ -77,6 +79,7 @@ class EngineConfig:
     disable_overlap_schedule: bool = False
     enable_mixed_chunk: bool = False
     cuda_graph_max_bs: int = 256
+    cuda_graph_max_prefill_tokens: int = 512
     quantization: str | None = None
     kv_cache_dtype: str = "auto"
 
@@ -94,6 +97,11 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        value = self.cuda_graph_max_prefill_tokens
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(
+                f"cuda_graph_max_prefill_tokens must be an integer >= 0, got {value!r}"
+            )
         if self.max_total_tokens is not None and (
             not isinstance(self.max_total_tokens, int)
             or isinstance(self.max_total_tokens, bool)

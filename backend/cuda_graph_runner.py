@@ -20,7 +20,7 @@ enqueues after `run` reads them before the next replay overwrites them).
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +38,31 @@ def capture_sizes(max_bs: int) -> list[int]:
     """The default captured batch sizes up to ``max_bs`` (``max_bs`` itself included)."""
     sizes = [s for s in DEFAULT_BATCH_SIZES if s < max_bs]
     return [*sizes, max_bs]
+
+
+def capture_graphs(
+    sizes: Sequence[int], device: torch.device, forward: Callable[[int], torch.Tensor]
+) -> tuple[dict[int, torch.cuda.CUDAGraph], dict[int, torch.Tensor]]:
+    """One graph per size, each recording ``forward(size)`` (which returns its static
+    output); largest first, so that the smaller graphs reuse its memory pool. Each size runs
+    twice eagerly on the capture stream first (Triton compiles, the allocator warms up).
+    Returns the graphs and their outputs by size."""
+    graphs: dict[int, torch.cuda.CUDAGraph] = {}
+    outputs: dict[int, torch.Tensor] = {}
+    pool = torch.cuda.graph_pool_handle()
+    stream = torch.cuda.Stream(device)
+    for size in sorted(sizes, reverse=True):
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                forward(size)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
+            outputs[size] = forward(size)
+        graphs[size] = graph
+    torch.cuda.synchronize(device)
+    return graphs, outputs
 
 
 class CudaGraphRunner:
@@ -69,8 +94,7 @@ class CudaGraphRunner:
         self._copied: list[torch.cuda.Event | None] = [None, None]
         self._turn = 0
         self._device_buf = torch.zeros(size, dtype=torch.int64, device=self.device)
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._logits: dict[int, torch.Tensor] = {}
+        self._batches = {bs: self._batch(bs) for bs in self.sizes}
         self._capture_all()
 
     def can_run(self, batch_size: int) -> bool:
@@ -162,8 +186,8 @@ class CudaGraphRunner:
         )
         return batch
 
-    def _forward(self, batch: ForwardBatch) -> torch.Tensor:
-        return self.model.compute_logits(self.model(batch))
+    def _forward(self, bs: int) -> torch.Tensor:
+        return self.model.compute_logits(self.model(self._batches[bs]))
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
@@ -171,17 +195,4 @@ class CudaGraphRunner:
         mb = self.max_bs
         self._device_buf.zero_()
         self._device_buf[self._indptr : self._indptr + mb + 1] = torch.arange(mb + 1)
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(self.device)
-        for bs in reversed(self.sizes):  # largest first: smaller graphs reuse its memory
-            batch = self._batch(bs)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # compiles the Triton kernels, warms the allocator
-                    self._forward(batch)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
-                self._logits[bs] = self._forward(batch)
-            self._graphs[bs] = graph
-        torch.cuda.synchronize(self.device)
+        self._graphs, self._logits = capture_graphs(self.sizes, self.device, self._forward)

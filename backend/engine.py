@@ -207,6 +207,7 @@ class Engine:
             self.pool,
             cuda_graph_sizes=self._cuda_graph_sizes(attn_backend),
             native_decoder=self._native_decoder(),
+            prefill_graph_sizes=self._prefill_graph_sizes(attn_backend),
         )
         self._outputs = OutputProcessor(
             self.tokenizer,
@@ -502,6 +503,16 @@ class Engine:
         from backend.cuda_graph_runner import capture_sizes
 
         return capture_sizes(min(self.config.cuda_graph_max_bs, self.config.max_running_requests))
+
+    def _prefill_graph_sizes(self, attn_backend: object) -> list[int]:
+        """Prefill token counts to capture (same conditions as `_cuda_graph_sizes`)."""
+        config = self.config
+        max_tokens = min(config.cuda_graph_max_prefill_tokens, config.chunked_prefill_size)
+        if not self._cuda_graph_sizes(attn_backend) or max_tokens <= 0:
+            return []
+        from backend.prefill_graph_runner import prefill_capture_sizes
+
+        return prefill_capture_sizes(max_tokens)
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()

@@ -16,6 +16,7 @@ from backend.models.llama import CausalLM
 if TYPE_CHECKING:
     from backend.cuda_graph_runner import CudaGraphRunner
     from backend.native_decoder import NativeDecoder
+    from backend.prefill_graph_runner import PrefillGraphRunner
 
 
 class ModelRunner:
@@ -25,7 +26,9 @@ class ModelRunner:
     prefix and of the new tokens (the scheduler allocates them). The table may live on the
     host while the model and the pool are on a GPU: the slots a pass needs travel with it.
     With ``cuda_graph_sizes`` (CUDA, Triton attention, host table), decode steps of up to
-    the largest size replay captured graphs (``backend/cuda_graph_runner.py``). With a
+    the largest size replay captured graphs (``backend/cuda_graph_runner.py``); with
+    ``prefill_graph_sizes``, so do prefill passes of up to the largest token count and
+    ``prefill_graph_runner.MAX_REQUESTS`` requests (``backend/prefill_graph_runner.py``). With a
     ``native_decoder`` (CPU models it supports), decode steps that the attention backend
     would run natively and that it takes are one native call (``backend/native_decoder.py``).
     """
@@ -38,6 +41,7 @@ class ModelRunner:
         pool: KVPool | None = None,
         cuda_graph_sizes: Sequence[int] = (),
         native_decoder: NativeDecoder | None = None,
+        prefill_graph_sizes: Sequence[int] = (),
     ) -> None:
         self.model = model
         self.table = table
@@ -45,17 +49,24 @@ class ModelRunner:
         self.native_decoder = native_decoder
         self.device = pool.device if pool is not None else table.table.device
         self.graphs: CudaGraphRunner | None = None
-        if cuda_graph_sizes:
+        self.prefill_graphs: PrefillGraphRunner | None = None
+        if cuda_graph_sizes or prefill_graph_sizes:
             from backend.attention.triton_backend import TritonAttentionBackend
             from backend.cuda_graph_runner import CudaGraphRunner
+            from backend.prefill_graph_runner import PrefillGraphRunner
 
             if not isinstance(attn_backend, TritonAttentionBackend):
                 raise ValueError("CUDA graphs need the Triton attention backend")
             if table.table.device.type != "cpu":
                 raise ValueError("CUDA graphs read the request table from the host")
-            self.graphs = CudaGraphRunner(
-                model, attn_backend, table.table.shape[1], cuda_graph_sizes
-            )
+            if cuda_graph_sizes:
+                self.graphs = CudaGraphRunner(
+                    model, attn_backend, table.table.shape[1], cuda_graph_sizes
+                )
+            if prefill_graph_sizes:
+                self.prefill_graphs = PrefillGraphRunner(
+                    model, attn_backend, table.table.shape[1], prefill_graph_sizes
+                )
 
     @torch.inference_mode()
     def extend(
@@ -65,6 +76,8 @@ class ModelRunner:
         tokens. Returns hidden states ``[sum(len(new_tokens)), hidden]``."""
         extend_lens = [len(t) for t in new_tokens]
         ids = [tok for toks in new_tokens for tok in toks]
+        if self.prefill_graphs is not None and self.prefill_graphs.can_run(len(rows), len(ids)):
+            return self.prefill_graphs.run(self.table.table, rows, prefix_lens, extend_lens, ids)
         positions = torch.cat(
             [torch.arange(p, p + n, dtype=torch.int64) for p, n in zip(prefix_lens, extend_lens)]
         )

@@ -11,7 +11,9 @@ Workloads:
 - ``random256``: 256 requests, input and output lengths uniform in 100-1024;
 - ``prefix``: 64 questions (32 tokens each) after one shared 2,000-token prefix, 32 new
   tokens, radix cache on vs off;
-- ``json64``: batch 64, 128 new tokens, JSON schema constrained vs unconstrained.
+- ``json64``: batch 64, 128 new tokens, JSON schema constrained vs unconstrained;
+- ``prefill``: one request's prefill of 16, 64 or 256 tokens after a cached 1,000-token
+  prefix, from a CUDA graph vs eager (also on the SmolLM2 shape with ``small``).
 
 Bandwidth: a decode step reads every weight except the embedding table plus the KV of every
 token in the batch; achieved = those bytes x steps / decode time, where decode time is the
@@ -257,6 +259,43 @@ def time_prefix(b: Bench) -> tuple[float, float]:
     return seconds, (after["cached_tokens"] - before["cached_tokens"]) / prompt_tokens
 
 
+def run_short_prefill(b: Bench) -> list[dict]:
+    """Latency of one request's prefill pass of ``n`` new tokens after a cached 1,000-token
+    prefix (a program's ``gen`` after appended text), one new token, median of 10: replayed
+    from a CUDA graph against the same engine with its prefill graphs set aside (eager)."""
+    runner = b.engine.scheduler.runner
+    graphs = runner.prefill_graphs
+    if graphs is None:
+        return []
+    prefix = b.prompts([1000])[0]
+    params = {"temperature": 0, "ignore_eos": True, "max_new_tokens": 1}
+    rows = []
+    for n in (16, 64, 256):
+        suffixes = b.prompts([n] * 11)
+        medians = {}
+        for mode in ("graph", "eager"):
+            runner.prefill_graphs = graphs if mode == "graph" else None
+            b.engine.flush_cache()
+            b.engine.generate(input_ids=prefix, sampling_params=params)  # caches the prefix
+            times = []
+            for suffix in suffixes:  # the first is a warm-up
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                b.engine.generate(input_ids=prefix + suffix, sampling_params=params)
+                times.append(time.perf_counter() - start)
+            medians[mode] = sorted(times[1:])[len(times[1:]) // 2]
+        runner.prefill_graphs = graphs
+        rows.append(
+            {
+                "workload": f"prefill {n} after a cached 1000",
+                "graph_ms": round(medians["graph"] * 1e3, 2),
+                "eager_ms": round(medians["eager"] * 1e3, 2),
+                "speedup": round(medians["eager"] / medians["graph"], 2),
+            }
+        )
+    return rows
+
+
 def run_json64(b: Bench) -> list[dict]:
     """Batch 64, 128 new tokens: a JSON schema against unconstrained generation. The schema's
     600-character minimum keeps every request decoding all 128 tokens, each one a masked
@@ -299,7 +338,7 @@ def free_gpu_memory() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokenizer", type=Path, required=True, help="SmolLM2 tokenizer folder")
-    parser.add_argument("--only", default="batch1,batch64,random256,prefix,json64,small")
+    parser.add_argument("--only", default="batch1,batch64,random256,prefix,json64,prefill,small")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8_e4m3")
     parser.add_argument("--chunked-prefill-size", type=int, default=None, help="engine default")
@@ -344,10 +383,13 @@ def main() -> None:
         ("batch64", run_batch64),
         ("random256", run_random256),
         ("json64", run_json64),
+        ("prefill", run_short_prefill),
     ):
         if name in only:
-            rows += fn(bench)
-            print(json.dumps(rows[-1]), flush=True)
+            new_rows = fn(bench)
+            rows += new_rows
+            for row in new_rows:
+                print(json.dumps(row), flush=True)
     if "prefix" in only:
         on_s, hit = time_prefix(bench)
     engine.shutdown()
@@ -377,7 +419,10 @@ def main() -> None:
             kv_cache_dtype=args.kv_cache_dtype,
         )
         sb = Bench(small, bandwidth, flops)
-        for row in run_batch1(sb) + run_batch64(sb):
+        small_rows = run_batch1(sb) + run_batch64(sb)
+        if "prefill" in only:
+            small_rows += run_short_prefill(sb)
+        for row in small_rows:
             row["workload"] = "SmolLM2-135M " + row["workload"]
             rows.append(row)
             print(json.dumps(row), flush=True)

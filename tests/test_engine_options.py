@@ -96,6 +96,14 @@ def test_prefill_chunk_defaults_per_device() -> None:
         EngineConfig(chunked_prefill_size=0)
 
 
+def test_prefill_graph_token_counts() -> None:
+    from backend.prefill_graph_runner import prefill_capture_sizes
+
+    assert prefill_capture_sizes(512) == [16, 32, 64, 128, 256, 512]
+    assert prefill_capture_sizes(100) == [16, 32, 64, 100]
+    assert prefill_capture_sizes(8) == [8]
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
@@ -104,6 +112,8 @@ def test_prefill_chunk_defaults_per_device() -> None:
         ({"load_format": "pt"}, "load_format"),
         ({"max_total_tokens": 0}, "max_total_tokens"),
         ({"cuda_graph_max_bs": -1}, "cuda_graph_max_bs"),
+        ({"cuda_graph_max_prefill_tokens": -1}, "cuda_graph_max_prefill_tokens"),
+        ({"cuda_graph_max_prefill_tokens": 1.5}, "cuda_graph_max_prefill_tokens"),
         ({"kv_cache_dtype": "fp8", "device": "cuda"}, "kv_cache_dtype must be one of"),
         ({"kv_cache_dtype": "fp8_e4m3"}, "needs a CUDA device"),
     ],

@@ -122,6 +122,43 @@ def test_requests_borrowing_a_prefix_in_one_pass_decode_as_alone(graph_engine: E
     check_idle(graph_engine)
 
 
+def test_prefill_passes_replay_graphs_up_to_16_requests(
+    graph_engine: Engine, tiny_dir: Path
+) -> None:
+    """Prefill passes of at most 16 requests and 64 tokens (the chunk size) replay graphs,
+    padded to 16, 32 or 64 tokens; more requests run eagerly. Greedy tokens and input
+    logprobs equal those of an engine without prefill graphs, cached prefixes included."""
+    runner = graph_engine.scheduler.runner.prefill_graphs
+    assert runner is not None and runner.sizes == [16, 32, 64]
+    tok = graph_engine.tokenizer
+    stem = tok.encode(PROMPTS[1])
+    prompts = [stem + tok.encode(f" {i}", add_special_tokens=False) for i in range(20)]
+    params = {**GREEDY, "max_new_tokens": 8}
+    logprob_args = {"return_logprob": True, "logprob_start_len": 0}
+    with Engine(str(tiny_dir), chunked_prefill_size=64, cuda_graph_max_prefill_tokens=0,
+                **GRAPHS_UP_TO_4) as eager:  # fmt: skip
+        assert eager.scheduler.runner.prefill_graphs is None
+        expected = [eager.generate(input_ids=p, sampling_params=params) for p in prompts[:3]]
+        expected_batch = eager.generate(input_ids=prompts, sampling_params=params)
+        expected_lp = eager.generate(input_ids=prompts[5], sampling_params=params, **logprob_args)
+    graph_engine.flush_cache()
+    before = runner.replays
+    alone = [graph_engine.generate(input_ids=p, sampling_params=params) for p in prompts[:3]]
+    assert runner.replays - before == 3  # the 2nd and 3rd hit the cache: 1-2-token passes
+    assert [r["output_ids"] for r in alone] == [r["output_ids"] for r in expected]
+    before = runner.replays
+    batch = graph_engine.generate(input_ids=prompts, sampling_params=params)
+    assert [r["output_ids"] for r in batch] == [r["output_ids"] for r in expected_batch]
+    assert runner.replays == before  # 20 requests (cached stem) in one pass: eager
+    graph_engine.flush_cache()
+    scored = graph_engine.generate(input_ids=prompts[5], sampling_params=params, **logprob_args)
+    assert scored["output_ids"] == expected_lp["output_ids"]
+    got = [lp for lp, _, _ in scored["meta_info"]["input_token_logprobs"][1:]]
+    want = [lp for lp, _, _ in expected_lp["meta_info"]["input_token_logprobs"][1:]]
+    assert got == pytest.approx(want, abs=1e-4)
+    check_idle(graph_engine)
+
+
 def test_graphs_off_gives_the_same_tokens(tiny_dir: Path, reference: list[list[int]]) -> None:
     with Engine(
         str(tiny_dir),
@@ -131,6 +168,7 @@ def test_graphs_off_gives_the_same_tokens(tiny_dir: Path, reference: list[list[i
         disable_cuda_graph=True,
     ) as eng:
         assert eng.scheduler.runner.graphs is None
+        assert eng.scheduler.runner.prefill_graphs is None
         out = eng.generate(PROMPTS, GREEDY)
         assert [r["output_ids"] for r in out] == reference
         check_idle(eng)
