@@ -73,10 +73,11 @@ class ModelRunner:
         self, rows: Sequence[int], prefix_lens: Sequence[int], new_tokens: Sequence[Sequence[int]]
     ) -> torch.Tensor:
         """Prefill ``new_tokens[i]`` of request row ``rows[i]`` after ``prefix_lens[i]`` cached
-        tokens. Returns hidden states ``[sum(len(new_tokens)), hidden]``."""
+        tokens. Returns hidden states ``[sum(len(new_tokens)), hidden]``; from a prefill
+        graph (when one takes the pass) they are valid until the next `extend`."""
         extend_lens = [len(t) for t in new_tokens]
         ids = [tok for toks in new_tokens for tok in toks]
-        if self.prefill_graphs is not None and self.prefill_graphs.can_run(len(rows), len(ids)):
+        if self.prefill_graphs is not None and self.prefill_graphs.can_run(extend_lens):
             return self.prefill_graphs.run(self.table.table, rows, prefix_lens, extend_lens, ids)
         positions = torch.cat(
             [torch.arange(p, p + n, dtype=torch.int64) for p, n in zip(prefix_lens, extend_lens)]

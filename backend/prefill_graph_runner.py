@@ -19,10 +19,12 @@ scheduler picks the rows it needs) over static device buffers for up to
 padding tokens are token 0 at position 0 written to the scratch slot 0 of the KV pool
 (never handed out) and belong to no request (``qo_indptr`` ends at ``T``), padding requests
 have no tokens and no slots; rows are independent in every other kernel of the pass, so
-padding cannot disturb real requests. It returns the first ``T`` rows of the graph's
-static hidden states, valid until the next `run`. Every request goes through the extend
-kernel (an eager pass sends trailing one-token requests to the decode kernels), so
-results equal the eager pass's up to floating-point summation order.
+padding cannot disturb real requests (the extend kernel never writes the padding tokens'
+attention rows, so what they store in slot 0 is arbitrary, as is everything read from
+slot 0). It returns the first ``T`` rows of the graph's static hidden states, valid until
+the next `run`. The kernels are the eager pass's (`can_run` leaves passes that end with
+one-token requests, which an eager pass sends to the decode kernels, to the eager path),
+so results equal the eager pass's up to the GEMMs' summation order at the padded size.
 """
 
 from __future__ import annotations
@@ -83,8 +85,18 @@ class PrefillGraphRunner:
         self._capture_all()
         self.replays = 0  # passes run from a graph
 
-    def can_run(self, num_requests: int, num_tokens: int) -> bool:
-        return 0 < num_requests <= self.max_requests and 0 < num_tokens <= self.max_tokens
+    def can_run(self, extend_lens: Sequence[int]) -> bool:
+        """Whether a pass adding ``extend_lens[i]`` tokens to request ``i`` replays a graph:
+        at most ``max_requests`` requests and the largest captured token count, and not
+        ending with a one-token request (an eager pass gives trailing one-token requests --
+        a fully cached prompt, a mixed pass's running requests -- the decode kernels, split
+        over long contexts; the extend kernel would read each one's context in one program
+        per query head)."""
+        return (
+            0 < len(extend_lens) <= self.max_requests
+            and 0 < sum(extend_lens) <= self.max_tokens
+            and extend_lens[-1] != 1
+        )
 
     def run(
         self,

@@ -122,41 +122,70 @@ def test_requests_borrowing_a_prefix_in_one_pass_decode_as_alone(graph_engine: E
     check_idle(graph_engine)
 
 
+def prefill_script(eng: Engine) -> list[tuple[list[dict], int, int]]:
+    """Calls covering every kind of prefill pass; per call its outputs, the number of prefill
+    passes it ran and how many of them replayed a graph."""
+    tok = eng.tokenizer
+    stem = tok.encode(PROMPTS[1])
+    calls = [
+        [PROMPTS[0]],  # one short cold request
+        PROMPTS[1:4],  # three cold requests
+        PROMPTS[:5],  # four cached but for their last token (first: lpm), one cold (last)
+        [stem + tok.encode(" a cat sat", add_special_tokens=False)],  # over the cached stem
+        [PROMPTS[2]],  # fully cached: one new token, left to the decode kernels (eager)
+        [PROMPTS[5]],  # ~250 tokens: chunks of 64
+    ]
+    params = {**GREEDY, "max_new_tokens": 6}
+    runner = eng.scheduler.runner.prefill_graphs
+    eng.flush_cache()
+    results = []
+    for prompts in calls:
+        before, replays = eng.get_stats()["forward_steps"]["prefill"], runner and runner.replays
+        ids = [tok.encode(p) if isinstance(p, str) else p for p in prompts]
+        out = eng.generate(input_ids=ids, sampling_params=params)
+        passes = eng.get_stats()["forward_steps"]["prefill"] - before
+        results.append((out, passes, (runner.replays - replays) if runner else 0))
+    replays = runner and runner.replays
+    scored = eng.generate(
+        input_ids=tok.encode(PROMPTS[4]),
+        sampling_params=params,
+        return_logprob=True,
+        logprob_start_len=0,
+    )  # cached but for its last token: logprobs need every position computed, 1 pass
+    results.append(([scored], 1, (runner.replays - replays) if runner else 0))
+    check_idle(eng)
+    return results
+
+
 def test_prefill_passes_replay_graphs_up_to_16_requests(
     graph_engine: Engine, tiny_dir: Path
 ) -> None:
-    """Prefill passes of at most 16 requests and 64 tokens (the chunk size) replay graphs,
-    padded to 16, 32 or 64 tokens; more requests run eagerly. Greedy tokens and input
-    logprobs equal those of an engine without prefill graphs, cached prefixes included."""
+    """Prefill passes of at most 16 requests and 64 tokens (the chunk size), padded to 16,
+    32 or 64 tokens, replay graphs unless they end with a one-token request. Greedy tokens
+    and input logprobs equal those without prefill graphs."""
     runner = graph_engine.scheduler.runner.prefill_graphs
     assert runner is not None and runner.sizes == [16, 32, 64]
-    tok = graph_engine.tokenizer
-    stem = tok.encode(PROMPTS[1])
-    prompts = [stem + tok.encode(f" {i}", add_special_tokens=False) for i in range(20)]
-    params = {**GREEDY, "max_new_tokens": 8}
-    logprob_args = {"return_logprob": True, "logprob_start_len": 0}
+    assert runner.can_run([2] * 16) and runner.can_run([1, 63]) and runner.can_run([64])
+    assert not runner.can_run([2] * 17) and not runner.can_run([65]) and not runner.can_run([])
+    assert not runner.can_run([5, 1]) and not runner.can_run([1])
     with Engine(str(tiny_dir), chunked_prefill_size=64, cuda_graph_max_prefill_tokens=0,
                 **GRAPHS_UP_TO_4) as eager:  # fmt: skip
         assert eager.scheduler.runner.prefill_graphs is None
-        expected = [eager.generate(input_ids=p, sampling_params=params) for p in prompts[:3]]
-        expected_batch = eager.generate(input_ids=prompts, sampling_params=params)
-        expected_lp = eager.generate(input_ids=prompts[5], sampling_params=params, **logprob_args)
-    graph_engine.flush_cache()
-    before = runner.replays
-    alone = [graph_engine.generate(input_ids=p, sampling_params=params) for p in prompts[:3]]
-    assert runner.replays - before == 3  # the 2nd and 3rd hit the cache: 1-2-token passes
-    assert [r["output_ids"] for r in alone] == [r["output_ids"] for r in expected]
-    before = runner.replays
-    batch = graph_engine.generate(input_ids=prompts, sampling_params=params)
-    assert [r["output_ids"] for r in batch] == [r["output_ids"] for r in expected_batch]
-    assert runner.replays == before  # 20 requests (cached stem) in one pass: eager
-    graph_engine.flush_cache()
-    scored = graph_engine.generate(input_ids=prompts[5], sampling_params=params, **logprob_args)
-    assert scored["output_ids"] == expected_lp["output_ids"]
-    got = [lp for lp, _, _ in scored["meta_info"]["input_token_logprobs"][1:]]
-    want = [lp for lp, _, _ in expected_lp["meta_info"]["input_token_logprobs"][1:]]
-    assert got == pytest.approx(want, abs=1e-4)
-    check_idle(graph_engine)
+        expected = prefill_script(eager)
+    got = prefill_script(graph_engine)
+    replayed = [replays for _, _, replays in got]
+    passes = [n for _, n, _ in got]
+    assert replayed[:4] == passes[:4] == [1, 1, 1, 1]  # graphs only
+    assert replayed[4] == 0 and passes[4] == 1  # eager
+    long_prompt = len(graph_engine.tokenizer.encode(PROMPTS[5]))
+    assert passes[5] == -(-long_prompt // 64) >= 4  # chunks of 64 tokens
+    assert replayed[5] == passes[5] - (long_prompt % 64 == 1)  # a 1-token last chunk: eager
+    assert replayed[6] == 1
+    for (out, _, _), (want, _, _) in zip(got, expected):
+        assert [r["output_ids"] for r in out] == [r["output_ids"] for r in want]
+    lp = [x for x, _, _ in got[6][0][0]["meta_info"]["input_token_logprobs"][1:]]
+    want_lp = [x for x, _, _ in expected[6][0][0]["meta_info"]["input_token_logprobs"][1:]]
+    assert lp == pytest.approx(want_lp, abs=1e-4)
 
 
 def test_graphs_off_gives_the_same_tokens(tiny_dir: Path, reference: list[list[int]]) -> None:

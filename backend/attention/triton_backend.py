@@ -31,11 +31,12 @@ from backend.kv_pool import KVPool
 class TritonAttnMetadata:
     """Index tensors of one forward pass (all on the pool's device)."""
 
-    kv_indptr: torch.Tensor  # [B + 1] int32: offsets of each request's slots in kv_indices
+    # (int32 from init_forward_metadata; int64 views of a static buffer in CUDA graphs)
+    kv_indptr: torch.Tensor  # [B + 1] offsets of each request's slots in kv_indices
     kv_indices: torch.Tensor  # [sum(seq_lens)] int64 slots, prefix then new tokens
     # EXTEND (over the first B - decode_tail requests)
-    qo_indptr: torch.Tensor | None = None  # [B + 1] int32 offsets of the new tokens
-    prefix_lens: torch.Tensor | None = None  # [B] int32
+    qo_indptr: torch.Tensor | None = None  # [B + 1] offsets of the new tokens
+    prefix_lens: torch.Tensor | None = None  # [B]
     max_extend_len: int = 0
     # the trailing one-token requests' DECODE metadata (their attention is a decode step's)
     decode_tail: TritonAttnMetadata | None = None

@@ -6,8 +6,9 @@ Data layout (the contract of every launcher below):
   a token's keys and values live at its slot index (slot 0 is scratch).
 - Request ``b``'s slots are ``kv_indices[kv_indptr[b] : kv_indptr[b + 1]]`` (all its
   tokens in order: cached prefix first, then the new ones); ``kv_indptr`` ``[B + 1]``,
-  ``qo_indptr`` ``[B + 1]`` and ``prefix_lens`` ``[B]`` are int32, ``kv_indices`` int64
-  (offsets inside the kernels are computed in int64), all on the pool's device.
+  ``qo_indptr`` ``[B + 1]`` and ``prefix_lens`` ``[B]`` are int32 (the CUDA-graph runners
+  pass int64 views of their one static buffer: both work), ``kv_indices`` int64 (offsets
+  inside the kernels are computed in int64), all on the pool's device.
 - EXTEND: request ``b``'s new tokens are rows ``qo_indptr[b] : qo_indptr[b + 1]`` of the
   flat ``q`` ``[T, H, D]`` / ``k``, ``v`` ``[T, Hkv, D]``; they sit after
   ``prefix_lens[b]`` cached tokens, so new token ``i`` has position ``prefix_lens[b] + i``
