@@ -34,7 +34,7 @@ class EngineConfig:
     GPU: decode steps of up to ``cuda_graph_max_bs`` requests replay CUDA graphs captured at
     start-up unless ``disable_cuda_graph``; with graphs, each decode step is launched from the
     previous step's sampled ids on the device before the host processes them, unless
-    ``disable_overlap_schedule``; prefill passes of up to 16 requests and
+    ``disable_overlap_schedule``; prefill passes of up to 64 requests and
     ``cuda_graph_max_prefill_tokens`` new tokens (0: none) replay graphs too.
     ``enable_mixed_chunk`` (as SGLang's): a prefill pass also
     carries the next token of every running request, so they keep decoding while prompts
@@ -79,7 +79,7 @@ class EngineConfig:
     disable_overlap_schedule: bool = False
     enable_mixed_chunk: bool = False
     cuda_graph_max_bs: int = 256
-    cuda_graph_max_prefill_tokens: int = 512
+    cuda_graph_max_prefill_tokens: int = 1024
     quantization: str | None = None
     kv_cache_dtype: str = "auto"
 

@@ -77,8 +77,9 @@ class ModelRunner:
         graph (when one takes the pass) they are valid until the next `extend`."""
         extend_lens = [len(t) for t in new_tokens]
         ids = [tok for toks in new_tokens for tok in toks]
-        if self.prefill_graphs is not None and self.prefill_graphs.can_run(extend_lens):
-            return self.prefill_graphs.run(self.table.table, rows, prefix_lens, extend_lens, ids)
+        graphs = self.prefill_graphs
+        if graphs is not None and graphs.can_run(prefix_lens, extend_lens):
+            return graphs.run(self.table.table, rows, prefix_lens, extend_lens, ids)
         positions = torch.cat(
             [torch.arange(p, p + n, dtype=torch.int64) for p, n in zip(prefix_lens, extend_lens)]
         )

@@ -1,17 +1,18 @@
 """Small prefill passes replayed from CUDA graphs.
 
-A prefill pass of a few dozen tokens -- a program's ``gen`` after a cached prefix, a short
-prompt, a chunk of one -- launches about ten kernels per layer, and on a GPU launching them
-from Python takes longer than running them (Llama-3-8B on an H100: ~13 ms of launches for
-~5 ms of GPU work). `PrefillGraphRunner` captures at start-up one graph per token count in
-``token_sizes``, each running the model's forward pass (hidden states, not logits: the
-scheduler picks the rows it needs) over static device buffers for up to
-``max_requests`` requests:
+A prefill pass of a few dozen tokens per request -- a program's ``gen`` after a cached
+prefix (or a batch of programs' gens), a short prompt, a chunk of one -- launches about
+ten kernels per layer, and on a GPU launching them from Python takes longer than running
+them (Llama-3-8B on an H100: ~13 ms of launches for ~5 ms of GPU work).
+`PrefillGraphRunner` captures at start-up one graph per token count in ``token_sizes``,
+each running the model's forward pass (hidden states, not logits: the scheduler picks the
+rows it needs) over static device buffers for up to ``max_requests`` requests:
 
 - ``input_ids``, ``positions``, ``out_cache_loc`` ``[max_tokens]``, ``qo_indptr`` and
   ``kv_indptr`` ``[max_requests + 1]``, ``prefix_lens`` ``[max_requests]`` and
-  ``kv_indices`` ``[max_requests * max_context_len]`` are slices of one int64 device
-  buffer, filled for each pass by one host-to-device copy from a pinned twin;
+  ``kv_indices`` (``kv_capacity`` slots: the requests' slot lists together) are slices of
+  one int64 device buffer, filled for each pass by one host-to-device copy from a pinned
+  twin;
 - the extend kernel's grid is fixed per graph: ``max_requests`` requests of up to the
   graph's token count each; its programs past a request's new tokens return at once.
 
@@ -40,7 +41,8 @@ from backend.cuda_graph_runner import capture_graphs
 from backend.forward_batch import ForwardBatch, ForwardMode
 from backend.models.llama import CausalLM
 
-MAX_REQUESTS = 16  # requests of one graph-replayed pass
+MAX_REQUESTS = 64  # requests of one graph-replayed pass
+SLOTS_PER_REQUEST = 8192  # kv_indices holds MAX_REQUESTS times this (or one context)
 
 
 def prefill_capture_sizes(max_tokens: int) -> list[int]:
@@ -70,6 +72,7 @@ class PrefillGraphRunner:
         self.sizes = sorted(set(token_sizes))
         self.max_tokens = self.sizes[-1]
         self.max_requests = max_requests
+        self.kv_capacity = max(max_context_len, max_requests * SLOTS_PER_REQUEST)
         mt, mr = self.max_tokens, max_requests
         # Offsets of the static inputs in the one int64 buffer.
         self._ids, self._pos, self._loc = 0, mt, 2 * mt
@@ -77,7 +80,7 @@ class PrefillGraphRunner:
         self._kv = self._qo + mr + 1
         self._prefix = self._kv + mr + 1
         self._indices = self._prefix + mr
-        size = self._indices + mr * max_context_len
+        size = self._indices + self.kv_capacity
         self._host = torch.zeros(size, dtype=torch.int64, pin_memory=True)
         self._copied: torch.cuda.Event | None = None
         self._device_buf = torch.zeros(size, dtype=torch.int64, device=self.device)
@@ -85,17 +88,19 @@ class PrefillGraphRunner:
         self._capture_all()
         self.replays = 0  # passes run from a graph
 
-    def can_run(self, extend_lens: Sequence[int]) -> bool:
-        """Whether a pass adding ``extend_lens[i]`` tokens to request ``i`` replays a graph:
-        at most ``max_requests`` requests and the largest captured token count, and not
-        ending with a one-token request (an eager pass gives trailing one-token requests --
-        a fully cached prompt, a mixed pass's running requests -- the decode kernels, split
-        over long contexts; the extend kernel would read each one's context in one program
-        per query head)."""
+    def can_run(self, prefix_lens: Sequence[int], extend_lens: Sequence[int]) -> bool:
+        """Whether a pass adding ``extend_lens[i]`` tokens to request ``i`` after
+        ``prefix_lens[i]`` replays a graph: at most ``max_requests`` requests, the largest
+        captured token count and ``kv_capacity`` slots in all, and not ending with a
+        one-token request (an eager pass gives trailing one-token requests -- a fully
+        cached prompt, a mixed pass's running requests -- the decode kernels, split over
+        long contexts; the extend kernel would read each one's context in one program per
+        query head)."""
         return (
             0 < len(extend_lens) <= self.max_requests
             and 0 < sum(extend_lens) <= self.max_tokens
             and extend_lens[-1] != 1
+            and sum(prefix_lens) + sum(extend_lens) <= self.kv_capacity
         )
 
     def run(

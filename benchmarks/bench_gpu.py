@@ -12,8 +12,9 @@ Workloads:
 - ``prefix``: 64 questions (32 tokens each) after one shared 2,000-token prefix, 32 new
   tokens, radix cache on vs off;
 - ``json64``: batch 64, 128 new tokens, JSON schema constrained vs unconstrained;
-- ``prefill``: one request's prefill of 16, 64 or 256 tokens after a cached 1,000-token
-  prefix, from a CUDA graph vs eager (also on the SmolLM2 shape with ``small``).
+- ``prefill``: a prefill pass of 1 x 16, 1 x 64, 1 x 256, 16 x 16 or 64 x 16 (requests x
+  tokens) after a cached 1,000-token prefix, from a CUDA graph vs eager (also on the
+  SmolLM2 shape with ``small``).
 
 Bandwidth: a decode step reads every weight except the embedding table plus the KV of every
 token in the batch; achieved = those bytes x steps / decode time, where decode time is the
@@ -260,9 +261,10 @@ def time_prefix(b: Bench) -> tuple[float, float]:
 
 
 def run_short_prefill(b: Bench) -> list[dict]:
-    """Latency of one request's prefill pass of ``n`` new tokens after a cached 1,000-token
-    prefix (a program's ``gen`` after appended text), one new token, median of 10: replayed
-    from a CUDA graph against the same engine with its prefill graphs set aside (eager)."""
+    """Latency of a prefill pass of ``n`` new tokens for each of ``r`` requests after a cached
+    1,000-token prefix (``r`` programs' ``gen`` after appended text), one new token, median
+    of 10: replayed from a CUDA graph against the same engine with its prefill graphs set
+    aside (eager)."""
     runner = b.engine.scheduler.runner
     graphs = runner.prefill_graphs
     if graphs is None:
@@ -270,24 +272,24 @@ def run_short_prefill(b: Bench) -> list[dict]:
     prefix = b.prompts([1000])[0]
     params = {"temperature": 0, "ignore_eos": True, "max_new_tokens": 1}
     rows = []
-    for n in (16, 64, 256):
-        suffixes = b.prompts([n] * 11)
+    for r, n in ((1, 16), (1, 64), (1, 256), (16, 16), (64, 16)):
+        batches = [[prefix + s for s in b.prompts([n] * r)] for _ in range(11)]
         medians = {}
         for mode in ("graph", "eager"):
             runner.prefill_graphs = graphs if mode == "graph" else None
             b.engine.flush_cache()
             b.engine.generate(input_ids=prefix, sampling_params=params)  # caches the prefix
             times = []
-            for suffix in suffixes:  # the first is a warm-up
+            for batch in batches:  # the first is a warm-up
                 torch.cuda.synchronize()
                 start = time.perf_counter()
-                b.engine.generate(input_ids=prefix + suffix, sampling_params=params)
+                b.engine.generate(input_ids=batch, sampling_params=params)
                 times.append(time.perf_counter() - start)
             medians[mode] = sorted(times[1:])[len(times[1:]) // 2]
         runner.prefill_graphs = graphs
         rows.append(
             {
-                "workload": f"prefill {n} after a cached 1000",
+                "workload": f"prefill {r} x {n} after a cached 1000",
                 "graph_ms": round(medians["graph"] * 1e3, 2),
                 "eager_ms": round(medians["eager"] * 1e3, 2),
                 "speedup": round(medians["eager"] / medians["graph"], 2),

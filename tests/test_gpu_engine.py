@@ -30,6 +30,7 @@ PROMPTS = [
     " ".join(f"item {i}," for i in range(60)),
 ]
 GREEDY = {"temperature": 0, "max_new_tokens": 24}
+WORDS = ("red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "rain", "snow", "sea", "sky")
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +135,7 @@ def prefill_script(eng: Engine) -> list[tuple[list[dict], int, int]]:
         [stem + tok.encode(" a cat sat", add_special_tokens=False)],  # over the cached stem
         [PROMPTS[2]],  # fully cached: one new token, left to the decode kernels (eager)
         [PROMPTS[5]],  # ~250 tokens: chunks of 64
+        [stem + tok.encode(f" {w} {w}", add_special_tokens=False) for w in WORDS],  # 12 x 2+
     ]
     params = {**GREEDY, "max_new_tokens": 6}
     runner = eng.scheduler.runner.prefill_graphs
@@ -157,17 +159,17 @@ def prefill_script(eng: Engine) -> list[tuple[list[dict], int, int]]:
     return results
 
 
-def test_prefill_passes_replay_graphs_up_to_16_requests(
-    graph_engine: Engine, tiny_dir: Path
-) -> None:
-    """Prefill passes of at most 16 requests and 64 tokens (the chunk size), padded to 16,
+def test_prefill_passes_replay_graphs(graph_engine: Engine, tiny_dir: Path) -> None:
+    """Prefill passes of at most 64 requests and 64 tokens (the chunk size), padded to 16,
     32 or 64 tokens, replay graphs unless they end with a one-token request. Greedy tokens
     and input logprobs equal those without prefill graphs."""
     runner = graph_engine.scheduler.runner.prefill_graphs
-    assert runner is not None and runner.sizes == [16, 32, 64]
-    assert runner.can_run([2] * 16) and runner.can_run([1, 63]) and runner.can_run([64])
-    assert not runner.can_run([2] * 17) and not runner.can_run([65]) and not runner.can_run([])
-    assert not runner.can_run([5, 1]) and not runner.can_run([1])
+    assert runner is not None and runner.sizes == [16, 32, 64] and runner.max_requests == 64
+    assert runner.can_run([9] * 32, [2] * 32) and runner.can_run([0, 0], [1, 63])
+    assert runner.can_run([runner.kv_capacity - 64], [64])
+    assert not runner.can_run([0], [65]) and not runner.can_run([], [])
+    assert not runner.can_run([0, 0], [5, 1]) and not runner.can_run([7], [1])
+    assert not runner.can_run([runner.kv_capacity - 63], [64])
     with Engine(str(tiny_dir), chunked_prefill_size=64, cuda_graph_max_prefill_tokens=0,
                 **GRAPHS_UP_TO_4) as eager:  # fmt: skip
         assert eager.scheduler.runner.prefill_graphs is None
@@ -180,11 +182,12 @@ def test_prefill_passes_replay_graphs_up_to_16_requests(
     long_prompt = len(graph_engine.tokenizer.encode(PROMPTS[5]))
     assert passes[5] == -(-long_prompt // 64) >= 4  # chunks of 64 tokens
     assert replayed[5] == passes[5] - (long_prompt % 64 == 1)  # a 1-token last chunk: eager
-    assert replayed[6] == 1
+    assert replayed[6] == passes[6] == 1  # 12 requests over a cached stem: one pass
+    assert replayed[7] == 1
     for (out, _, _), (want, _, _) in zip(got, expected):
         assert [r["output_ids"] for r in out] == [r["output_ids"] for r in want]
-    lp = [x for x, _, _ in got[6][0][0]["meta_info"]["input_token_logprobs"][1:]]
-    want_lp = [x for x, _, _ in expected[6][0][0]["meta_info"]["input_token_logprobs"][1:]]
+    lp = [x for x, _, _ in got[7][0][0]["meta_info"]["input_token_logprobs"][1:]]
+    want_lp = [x for x, _, _ in expected[7][0][0]["meta_info"]["input_token_logprobs"][1:]]
     assert lp == pytest.approx(want_lp, abs=1e-4)
 
 
