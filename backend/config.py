@@ -21,9 +21,8 @@ class EngineConfig:
     prefilled in 3.65 s against 3.91 with 2048).
     ``schedule_policy`` is ``"lpm"`` (longest cached prefix first, falling back to FCFS when
     more than ``lpm_max_queue`` requests wait), ``"fcfs"`` or ``"lof"`` (as SGLang's: the
-    longest remaining ``max_new_tokens`` first, FCFS among equals; for offline batches
-    whose requests arrive together, with ``enable_mixed_chunk`` and a small
-    ``chunked_prefill_size`` the short requests are prefilled while the long ones decode).
+    longest remaining ``max_new_tokens`` first, FCFS among equals; meant for offline
+    batches: under a steady stream of long requests the short ones wait).
     Constrained decoding: jump-forward (appending forced text as one prefill) is on unless
     ``disable_regex_jump_forward``; JSON is compact unless
     ``constrained_json_whitespace_pattern`` (e.g. ``"[ \\n\\t]*"``) allows whitespace between
@@ -35,7 +34,8 @@ class EngineConfig:
     start-up unless ``disable_cuda_graph``; with graphs, each decode step is launched from the
     previous step's sampled ids on the device before the host processes them, unless
     ``disable_overlap_schedule``; prefill passes of up to 64 requests and
-    ``cuda_graph_max_prefill_tokens`` new tokens (0: none) replay graphs too.
+    ``cuda_graph_max_prefill_tokens`` new tokens (at most ``chunked_prefill_size``; 0: none)
+    replay graphs too.
     ``enable_mixed_chunk`` (as SGLang's): a prefill pass also
     carries the next token of every running request, so they keep decoding while prompts
     are prefilled (their tokens count against ``chunked_prefill_size``).
@@ -86,22 +86,19 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.chunked_prefill_size is None:
             self.chunked_prefill_size = 8192 if str(self.device).startswith("cuda") else 2048
-        for name in (
-            "max_running_requests",
-            "chunked_prefill_size",
-            "new_token_ratio_decay_steps",
-            "lpm_max_queue",
-            "dedupe_min_shared_tokens",
-            "cuda_graph_max_bs",
+        for name, least in (
+            ("max_running_requests", 1),
+            ("chunked_prefill_size", 1),
+            ("new_token_ratio_decay_steps", 1),
+            ("lpm_max_queue", 1),
+            ("dedupe_min_shared_tokens", 1),
+            ("cuda_graph_max_bs", 1),
+            ("cuda_graph_max_prefill_tokens", 0),
         ):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        value = self.cuda_graph_max_prefill_tokens
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(
-                f"cuda_graph_max_prefill_tokens must be an integer >= 0, got {value!r}"
-            )
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                kind = "a positive integer" if least else "an integer >= 0"
+                raise ValueError(f"{name} must be {kind}, got {value!r}")
         if self.max_total_tokens is not None and (
             not isinstance(self.max_total_tokens, int)
             or isinstance(self.max_total_tokens, bool)

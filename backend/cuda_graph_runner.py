@@ -40,6 +40,32 @@ def capture_sizes(max_bs: int) -> list[int]:
     return [*sizes, max_bs]
 
 
+class StaticInputs:
+    """The int64 inputs of captured graphs: one device buffer (``device_buf``) filled from
+    pinned host twins used in turn. `host` waits until its twin's previous copy has left
+    and returns the twin as a numpy array to fill; `upload` copies the twin's first ``n``
+    values to the device (stream-ordered before the next replay) and turns to the next twin.
+    Two twins let the next step be packed while the last copy may still wait in the stream."""
+
+    def __init__(self, size: int, device: torch.device, twins: int = 2) -> None:
+        self.device_buf = torch.zeros(size, dtype=torch.int64, device=device)
+        self._twins = [torch.zeros(size, dtype=torch.int64, pin_memory=True) for _ in range(twins)]
+        self._copied: list[torch.cuda.Event | None] = [None] * twins
+        self._turn = 0
+
+    def host(self) -> np.ndarray:
+        fence = self._copied[self._turn]
+        if fence is not None:
+            fence.synchronize()
+        return self._twins[self._turn].numpy()
+
+    def upload(self, n: int) -> None:
+        self.device_buf[:n].copy_(self._twins[self._turn][:n], non_blocking=True)
+        fence = self._copied[self._turn] = torch.cuda.Event()
+        fence.record()
+        self._turn = (self._turn + 1) % len(self._twins)
+
+
 def capture_graphs(
     sizes: Sequence[int], device: torch.device, forward: Callable[[int], torch.Tensor]
 ) -> tuple[dict[int, torch.cuda.CUDAGraph], dict[int, torch.Tensor]]:
@@ -88,12 +114,8 @@ class CudaGraphRunner:
         self._ids, self._pos, self._loc, self._indptr = 0, mb, 2 * mb, 3 * mb
         self._indices = 4 * mb + 1
         size = self._indices + mb * max_context_len
-        # Two pinned staging buffers, used in turn: with overlapped steps, step N + 1 is packed
-        # while step N's copy may still wait in the stream; each buffer's copy is fenced.
-        self._hosts = [torch.zeros(size, dtype=torch.int64, pin_memory=True) for _ in range(2)]
-        self._copied: list[torch.cuda.Event | None] = [None, None]
-        self._turn = 0
-        self._device_buf = torch.zeros(size, dtype=torch.int64, device=self.device)
+        # Two twins: with overlapped steps, step N + 1 is packed while N's copy may wait.
+        self._inputs = StaticInputs(size, self.device, twins=2)
         self._batches = {bs: self._batch(bs) for bs in self.sizes}
         self._capture_all()
 
@@ -116,11 +138,7 @@ class CudaGraphRunner:
         """
         b = len(rows)
         bs = self.sizes[bisect.bisect_left(self.sizes, b)]
-        staging = self._hosts[self._turn]
-        fence = self._copied[self._turn]
-        if fence is not None:
-            fence.synchronize()
-        host = staging.numpy()
+        host = self._inputs.host()
         lens = np.asarray(seq_lens, dtype=np.int64)
         table_np = table.numpy()
         on_device = isinstance(last_tokens, torch.Tensor)
@@ -142,12 +160,9 @@ class CudaGraphRunner:
             start += n
         host[start : start + bs - b] = 0
         used = start + bs - b
-        self._device_buf[:used].copy_(staging[:used], non_blocking=True)
-        fence = self._copied[self._turn] = torch.cuda.Event()
-        fence.record()
-        self._turn ^= 1
+        self._inputs.upload(used)
         if on_device:
-            self._device_buf[self._ids : self._ids + b].copy_(last_tokens)
+            self._inputs.device_buf[self._ids : self._ids + b].copy_(last_tokens)
         self._graphs[bs].replay()
         return self._logits[bs][:b]
 
@@ -155,7 +170,7 @@ class CudaGraphRunner:
 
     def _batch(self, bs: int) -> ForwardBatch:
         """A ForwardBatch over the static buffers, with its attention metadata preset."""
-        buf = self._device_buf
+        buf = self._inputs.device_buf
         num_heads = self.model.num_heads
         splits = tk.choose_num_kv_splits(
             bs,
@@ -193,6 +208,7 @@ class CudaGraphRunner:
     def _capture_all(self) -> None:
         # Dummy step: every row reads token 0 at position 0 over the scratch slot 0.
         mb = self.max_bs
-        self._device_buf.zero_()
-        self._device_buf[self._indptr : self._indptr + mb + 1] = torch.arange(mb + 1)
+        buf = self._inputs.device_buf
+        buf.zero_()
+        buf[self._indptr : self._indptr + mb + 1] = torch.arange(mb + 1)
         self._graphs, self._logits = capture_graphs(self.sizes, self.device, self._forward)

@@ -37,12 +37,12 @@ import numpy as np
 import torch
 
 from backend.attention.triton_backend import TritonAttentionBackend, TritonAttnMetadata
-from backend.cuda_graph_runner import capture_graphs
+from backend.cuda_graph_runner import StaticInputs, capture_graphs
 from backend.forward_batch import ForwardBatch, ForwardMode
 from backend.models.llama import CausalLM
 
 MAX_REQUESTS = 64  # requests of one graph-replayed pass
-SLOTS_PER_REQUEST = 8192  # kv_indices holds MAX_REQUESTS times this (or one context)
+SLOTS_PER_REQUEST = 8192  # kv_indices holds max_requests times this (or one context)
 
 
 def prefill_capture_sizes(max_tokens: int) -> list[int]:
@@ -81,9 +81,7 @@ class PrefillGraphRunner:
         self._prefix = self._kv + mr + 1
         self._indices = self._prefix + mr
         size = self._indices + self.kv_capacity
-        self._host = torch.zeros(size, dtype=torch.int64, pin_memory=True)
-        self._copied: torch.cuda.Event | None = None
-        self._device_buf = torch.zeros(size, dtype=torch.int64, device=self.device)
+        self._inputs = StaticInputs(size, self.device, twins=1)  # passes are not overlapped
         self._batches = {t: self._batch(t) for t in self.sizes}
         self._capture_all()
         self.replays = 0  # passes run from a graph
@@ -119,9 +117,7 @@ class PrefillGraphRunner:
         """
         r, t = len(rows), len(ids)
         size = self.sizes[bisect.bisect_left(self.sizes, t)]
-        if self._copied is not None:  # the previous pass's copy has left the staging buffer
-            self._copied.synchronize()
-        host = self._host.numpy()
+        host = self._inputs.host()
         table_np = table.numpy()
         prefix = np.asarray(prefix_lens, dtype=np.int64)
         extend = np.asarray(extend_lens, dtype=np.int64)
@@ -148,9 +144,7 @@ class PrefillGraphRunner:
             locs[qo[i] : qo[i + 1]] = slots[p:]
         positions[t:] = 0
         locs[t:] = 0
-        self._device_buf[:start].copy_(self._host[:start], non_blocking=True)
-        self._copied = torch.cuda.Event()
-        self._copied.record()
+        self._inputs.upload(start)
         self._graphs[size].replay()
         self.replays += 1
         return self._hidden[size][:t]
@@ -159,7 +153,7 @@ class PrefillGraphRunner:
 
     def _batch(self, tokens: int) -> ForwardBatch:
         """A ForwardBatch over the static buffers, with its attention metadata preset."""
-        buf, mr = self._device_buf, self.max_requests
+        buf, mr = self._inputs.device_buf, self.max_requests
         batch = ForwardBatch(
             mode=ForwardMode.EXTEND,
             input_ids=buf[self._ids : self._ids + tokens],
@@ -185,5 +179,5 @@ class PrefillGraphRunner:
     @torch.inference_mode()
     def _capture_all(self) -> None:
         # Dummy pass: every request empty, every token 0 at position 0 written to slot 0.
-        self._device_buf.zero_()
+        self._inputs.device_buf.zero_()
         self._graphs, self._hidden = capture_graphs(self.sizes, self.device, self._forward)

@@ -29,6 +29,7 @@ the engine runs them when the requests arrive together. Usage (on a GPU)::
 
     python benchmarks/bench_gpu.py --tokenizer DIR [--only batch1,batch64] [--json out.json]
         [--kv-cache-dtype fp8_e4m3] [--chunked-prefill-size N] [--enable-mixed-chunk]
+        [--schedule-policy lof]
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,36 +98,31 @@ def model_dir(shape: dict[str, Any], tokenizer_dir: Path, root: Path, name: str)
     return out
 
 
-def copy_bandwidth(nbytes: int = 2 << 30) -> float:
-    """Device-to-device copy bandwidth in bytes/s (bytes read + written), best of 10."""
-    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
+def best_seconds(work: Callable[[], object], runs: int = 12) -> float:
+    """The fastest of ``runs`` runs of ``work`` on the GPU, timed with CUDA events."""
     best = float("inf")
-    for _ in range(12):
+    for _ in range(runs):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        dst.copy_(src)
+        work()
         end.record()
         end.synchronize()
         best = min(best, start.elapsed_time(end) / 1e3)
-    del src, dst
-    return nbytes / best
+    return best
+
+
+def copy_bandwidth(nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + written), best of 12."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return nbytes / best_seconds(lambda: dst.copy_(src))
 
 
 def matmul_throughput(n: int = 8192) -> float:
-    """Dense bf16 ``n x n x n`` matmul throughput in FLOP/s, best of 10."""
+    """Dense bf16 ``n x n x n`` matmul throughput in FLOP/s, best of 12."""
     a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
     b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
-    best = float("inf")
-    for _ in range(12):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        torch.mm(a, b)
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) / 1e3)
-    del a, b
-    return 2 * n**3 / best
+    return 2 * n**3 / best_seconds(lambda: torch.mm(a, b))
 
 
 class Bench:
@@ -278,25 +275,29 @@ def run_short_prefill(b: Bench) -> list[dict]:
     rows = []
     for r, n in ((1, 16), (1, 64), (1, 256), (16, 16), (64, 16)):
         batches = [[prefix + s for s in b.prompts([n] * r)] for _ in range(11)]
-        medians = {}
+        medians, replays = {}, graphs.replays
         for mode in ("graph", "eager"):
             runner.prefill_graphs = graphs if mode == "graph" else None
-            b.engine.flush_cache()
-            b.engine.generate(input_ids=prefix, sampling_params=params)  # caches the prefix
-            times = []
-            for batch in batches:  # the first is a warm-up
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                b.engine.generate(input_ids=batch, sampling_params=params)
-                times.append(time.perf_counter() - start)
+            try:
+                b.engine.flush_cache()
+                b.engine.generate(input_ids=prefix, sampling_params=params)  # caches it
+                times = []
+                for batch in batches:  # the first is a warm-up
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    b.engine.generate(input_ids=batch, sampling_params=params)
+                    times.append(time.perf_counter() - start)
+            finally:
+                runner.prefill_graphs = graphs
             medians[mode] = sorted(times[1:])[len(times[1:]) // 2]
-        runner.prefill_graphs = graphs
         rows.append(
             {
                 "workload": f"prefill {r} x {n} after a cached 1000",
                 "graph_ms": round(medians["graph"] * 1e3, 2),
                 "eager_ms": round(medians["eager"] * 1e3, 2),
                 "speedup": round(medians["eager"] / medians["graph"], 2),
+                # passes replayed (the prefix's, then one per call: 12 when all were)
+                "graph_passes": graphs.replays - replays,
             }
         )
     return rows

@@ -5,9 +5,9 @@ one token per request, from the radix cache); the next run of ``--new`` tokens (
 extend pass, then decode steps: ``--new`` forward passes) is profiled with
 ``torch.profiler`` and the kernel time per pass is summed by family (cuBLAS GEMMs,
 decode attention, extend attention, GEMV, norms, activation, RoPE, KV writes, the rest),
-beside the step's roofline: the weights and the KV it reads at ``--bandwidth``, and its
-linear FLOPs at ``--flops``. The model is the Llama-3-8B shape of ``bench_gpu.py`` with
-random weights. Usage::
+beside the step's roofline: the weights and the KV it reads at the measured copy
+bandwidth, and its linear FLOPs at the measured matmul throughput. The model is the
+Llama-3-8B shape of ``bench_gpu.py`` with random weights. Usage::
 
     python benchmarks/profile_gpu_step.py --tokenizer DIR [--kv-cache-dtype fp8_e4m3]
         [--cases 256x600,128x1000] [--new 24]
@@ -16,13 +16,12 @@ random weights. Usage::
 from __future__ import annotations
 
 import argparse
-import random
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-from bench_gpu import LLAMA3_8B, model_dir
+from bench_gpu import LLAMA3_8B, Bench, copy_bandwidth, matmul_throughput, model_dir
 from torch.profiler import ProfilerActivity, profile
 
 from backend.engine import Engine
@@ -50,9 +49,8 @@ def main() -> None:
     parser.add_argument("--kv-cache-dtype", default="auto")
     parser.add_argument("--cases", default="256x600,192x800,128x1000,64x1100,16x1200")
     parser.add_argument("--new", type=int, default=24, help="new tokens per profiled run")
-    parser.add_argument("--bandwidth", type=float, default=3.0e12, help="bytes/s")
-    parser.add_argument("--flops", type=float, default=780e12, help="FLOP/s")
     args = parser.parse_args()
+    bandwidth, flops = copy_bandwidth(), matmul_throughput()
     root = Path(tempfile.mkdtemp())
     engine = Engine(
         str(model_dir(LLAMA3_8B, args.tokenizer, root, "llama3-8b")),
@@ -61,16 +59,15 @@ def main() -> None:
         max_running_requests=256,
         kv_cache_dtype=args.kv_cache_dtype,
     )
-    model = engine.model
-    embed = model.model.embed_tokens.weight
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p is not embed)
-    linear_flops = 2 * sum(p.numel() for p in model.parameters() if p.dim() == 2 and p is not embed)
-    kv_bytes = engine.pool.bytes_per_slot()
-    rng = random.Random(0)
-    print(f"# {torch.cuda.get_device_name()}, KV {args.kv_cache_dtype}; us per forward pass")
+    bench = Bench(engine, bandwidth, flops)
+    step_flops = 2 * (bench.layer_params + bench.head_params)  # per request
+    print(
+        f"# {torch.cuda.get_device_name()}, KV {args.kv_cache_dtype}; copy "
+        f"{bandwidth / 1e12:.2f} TB/s, matmul {flops / 1e12:.0f} TFLOP/s; us per forward pass"
+    )
     for case in args.cases.split(","):
         batch, context = (int(x) for x in case.split("x"))
-        prompts = [[rng.randrange(100, 49000) for _ in range(context)] for _ in range(batch)]
+        prompts = bench.prompts([context] * batch)
         params = {"temperature": 0, "ignore_eos": True, "max_new_tokens": args.new}
         engine.flush_cache()
         engine.generate(input_ids=prompts, sampling_params=params)  # caches the prompts, warms
@@ -79,11 +76,11 @@ def main() -> None:
         times: dict[str, float] = defaultdict(float)
         for event in prof.key_averages():
             times[family(event.key)] += event.self_device_time_total / args.new
-        read = weight_bytes + batch * (context + args.new / 2) * kv_bytes
+        read = bench.weight_bytes + batch * (context + args.new / 2) * bench.kv_bytes_per_token
+        compute = batch * step_flops / flops
         print(
             f"batch {batch} x context {context}: kernels {sum(times.values()):.0f} us; roofline: "
-            f"bytes {read / args.bandwidth * 1e6:.0f} us, "
-            f"FLOPs {batch * linear_flops / args.flops * 1e6:.0f} us"
+            f"bytes {read / bandwidth * 1e6:.0f} us, FLOPs {compute * 1e6:.0f} us"
         )
         ranked = sorted(times.items(), key=lambda item: -item[1])
         print("    " + ", ".join(f"{name} {us:.0f}" for name, us in ranked))
