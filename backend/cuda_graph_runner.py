@@ -172,14 +172,13 @@ class CudaGraphRunner:
         """A ForwardBatch over the static buffers, with its attention metadata preset."""
         buf = self._inputs.device_buf
         num_heads = self.model.num_heads
-        splits = tk.choose_num_kv_splits(
-            bs,
-            self.attn_backend.num_kv_heads,
+        splits = tk.choose_num_splits(
+            bs * self.attn_backend.num_kv_heads,
             self.max_context_len,
             self.attn_backend.num_sms,
             max_splits=self.attn_backend.max_kv_splits,
         )
-        mid_o, mid_lse = tk.decode_partial_buffers(
+        mid_o, mid_lse = tk.split_partial_buffers(
             bs, num_heads, self.model.head_dim, splits, self.device
         )
         batch = ForwardBatch(

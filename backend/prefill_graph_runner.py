@@ -13,19 +13,23 @@ rows it needs) over static device buffers for up to ``max_requests`` requests:
   ``kv_indices`` (``kv_capacity`` slots: the requests' slot lists together) are slices of
   one int64 device buffer, filled for each pass by one host-to-device copy from a pinned
   twin;
-- the extend kernel's grid is fixed per graph: ``max_requests`` requests of up to the
-  graph's token count each; its programs past a request's new tokens return at once.
+- the extend kernel's grid is fixed per graph: ``min(max_requests, tokens)`` requests (a
+  request adds at least one token) of up to the graph's token count each, times
+  ``prefix_splits(tokens)`` chunks of each cached prefix (the kernel uses fewer for
+  prefixes shorter than that many ``MIN_PREFIX_SPLIT_LEN`` chunks); programs past a
+  request's new tokens or its prefix's chunks return at once.
 
 `run` pads a pass of ``R`` requests and ``T`` new tokens to the next captured token count:
 padding tokens are token 0 at position 0 written to the scratch slot 0 of the KV pool
 (never handed out) and belong to no request (``qo_indptr`` ends at ``T``), padding requests
 have no tokens and no slots; rows are independent in every other kernel of the pass, so
-padding cannot disturb real requests (the extend kernel never writes the padding tokens'
-attention rows, so what they store in slot 0 is arbitrary, as is everything read from
-slot 0). It returns the first ``T`` rows of the graph's static hidden states, valid until
-the next `run`. The kernels are the eager pass's (`can_run` leaves passes that end with
-one-token requests, which an eager pass sends to the decode kernels, to the eager path),
-so results equal the eager pass's up to the GEMMs' summation order at the padded size.
+padding cannot disturb real requests (the padding tokens' attention rows are never
+computed -- a split prefix's merge may fill them from unwritten scratch -- so what they
+store in slot 0 is arbitrary, as is everything read from slot 0). It returns the first
+``T`` rows of the graph's static hidden states, valid until the next `run`. The kernels
+are the eager pass's, except that trailing one-token requests (which an eager pass sends
+to the decode kernels) take the extend kernel, so results equal the eager pass's up to
+summation order.
 """
 
 from __future__ import annotations
@@ -43,6 +47,14 @@ from backend.models.llama import CausalLM
 
 MAX_REQUESTS = 64  # requests of one graph-replayed pass
 SLOTS_PER_REQUEST = 8192  # kv_indices holds max_requests times this (or one context)
+
+
+def prefix_splits(tokens: int) -> int:
+    """Cached-prefix chunks of the graph of ``tokens`` new tokens: 16 up to 64 tokens (one
+    request's 16-token extend after 8,000 cached tokens took 25.6 us per layer on an H100
+    in 16 chunks, 34.1 in 8), fewer above (more query blocks fill the GPU; the float32
+    split scratch stays at 1,024 rows' worth of one split), one from 1,024 tokens."""
+    return max(1, min(16, 1024 // tokens))
 
 
 def prefill_capture_sizes(max_tokens: int) -> list[int]:
@@ -87,17 +99,14 @@ class PrefillGraphRunner:
         self.replays = 0  # passes run from a graph
 
     def can_run(self, prefix_lens: Sequence[int], extend_lens: Sequence[int]) -> bool:
-        """Whether a pass adding ``extend_lens[i]`` tokens to request ``i`` after
-        ``prefix_lens[i]`` replays a graph: at most ``max_requests`` requests, the largest
-        captured token count and ``kv_capacity`` slots in all, and not ending with a
-        one-token request (an eager pass gives trailing one-token requests -- a fully
-        cached prompt, a mixed pass's running requests -- the decode kernels, split over
-        long contexts; the extend kernel would read each one's context in one program per
-        query head)."""
+        """Whether a pass adding ``extend_lens[i]`` (at least one) tokens to request ``i``
+        after ``prefix_lens[i]`` replays a graph: at most ``max_requests`` requests, the
+        largest captured token count and ``kv_capacity`` slots in all. One-token requests
+        (a fully cached prompt, a fork's first ``gen``) take the extend kernel here, where
+        an eager pass gives trailing ones the decode kernels."""
         return (
             0 < len(extend_lens) <= self.max_requests
-            and 0 < sum(extend_lens) <= self.max_tokens
-            and extend_lens[-1] != 1
+            and len(extend_lens) <= sum(extend_lens) <= self.max_tokens
             and sum(prefix_lens) + sum(extend_lens) <= self.kv_capacity
         )
 
@@ -153,7 +162,8 @@ class PrefillGraphRunner:
 
     def _batch(self, tokens: int) -> ForwardBatch:
         """A ForwardBatch over the static buffers, with its attention metadata preset."""
-        buf, mr = self._inputs.device_buf, self.max_requests
+        buf = self._inputs.device_buf
+        mr = min(self.max_requests, tokens)  # requests that can have tokens in the pass
         batch = ForwardBatch(
             mode=ForwardMode.EXTEND,
             input_ids=buf[self._ids : self._ids + tokens],
@@ -170,6 +180,7 @@ class PrefillGraphRunner:
             qo_indptr=buf[self._qo : self._qo + mr + 1],
             prefix_lens=buf[self._prefix : self._prefix + mr],
             max_extend_len=tokens,
+            num_kv_splits=prefix_splits(tokens),
         )
         return batch
 

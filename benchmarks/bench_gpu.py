@@ -14,7 +14,9 @@ Workloads:
 - ``json64``: batch 64, 128 new tokens, JSON schema constrained vs unconstrained;
 - ``prefill``: a prefill pass of 1 x 16, 1 x 64, 1 x 256, 16 x 16 or 64 x 16 (requests x
   tokens) after a cached 1,000-token prefix, from a CUDA graph vs eager (also on the
-  SmolLM2 shape with ``small``).
+  SmolLM2 shape with ``small``);
+- ``longctx``: a prefill pass of 16 tokens after a cached 1,000 / 4,000 / 8,000-token
+  context, from a CUDA graph vs eager, beside its bandwidth bound.
 
 Bandwidth: a decode step reads every weight except the embedding table plus the KV of every
 token in the batch; achieved = those bytes x steps / decode time, where decode time is the
@@ -261,43 +263,81 @@ def time_prefix(b: Bench) -> tuple[float, float]:
     return seconds, (after["cached_tokens"] - before["cached_tokens"]) / prompt_tokens
 
 
+def prefill_ms(
+    b: Bench, prefix: list[int], batches: list[list[list[int]]], mode: str
+) -> tuple[float, int]:
+    """Median milliseconds of one call per batch of prompts (each ``prefix`` + new tokens,
+    one output token) with ``prefix`` cached; the first batch is a warm-up. ``mode``:
+    ``graph`` (prefill passes replay CUDA graphs where they can) or ``eager`` (graphs set
+    aside). Returns the median and the number of passes replayed from graphs."""
+    runner = b.engine.scheduler.runner
+    graphs = runner.prefill_graphs
+    params = {"temperature": 0, "ignore_eos": True, "max_new_tokens": 1}
+    replays = graphs.replays if graphs else 0
+    runner.prefill_graphs = graphs if mode == "graph" else None
+    try:
+        b.engine.flush_cache()
+        b.engine.generate(input_ids=prefix, sampling_params=params)  # caches it
+        times = []
+        for batch in batches:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            b.engine.generate(input_ids=batch, sampling_params=params)
+            times.append(time.perf_counter() - start)
+    finally:
+        runner.prefill_graphs = graphs
+    times = sorted(times[1:])
+    return times[len(times) // 2] * 1e3, (graphs.replays - replays if graphs else 0)
+
+
 def run_short_prefill(b: Bench) -> list[dict]:
     """Latency of a prefill pass of ``n`` new tokens for each of ``r`` requests after a cached
     1,000-token prefix (``r`` programs' ``gen`` after appended text), one new token, median
     of 10: replayed from a CUDA graph against the same engine with its prefill graphs set
     aside (eager)."""
-    runner = b.engine.scheduler.runner
-    graphs = runner.prefill_graphs
-    if graphs is None:
+    if b.engine.scheduler.runner.prefill_graphs is None:
         return []
     prefix = b.prompts([1000])[0]
-    params = {"temperature": 0, "ignore_eos": True, "max_new_tokens": 1}
     rows = []
     for r, n in ((1, 16), (1, 64), (1, 256), (16, 16), (64, 16)):
         batches = [[prefix + s for s in b.prompts([n] * r)] for _ in range(11)]
-        medians, replays = {}, graphs.replays
-        for mode in ("graph", "eager"):
-            runner.prefill_graphs = graphs if mode == "graph" else None
-            try:
-                b.engine.flush_cache()
-                b.engine.generate(input_ids=prefix, sampling_params=params)  # caches it
-                times = []
-                for batch in batches:  # the first is a warm-up
-                    torch.cuda.synchronize()
-                    start = time.perf_counter()
-                    b.engine.generate(input_ids=batch, sampling_params=params)
-                    times.append(time.perf_counter() - start)
-            finally:
-                runner.prefill_graphs = graphs
-            medians[mode] = sorted(times[1:])[len(times[1:]) // 2]
+        graph_ms, replays = prefill_ms(b, prefix, batches, "graph")
+        eager_ms, _ = prefill_ms(b, prefix, batches, "eager")
         rows.append(
             {
                 "workload": f"prefill {r} x {n} after a cached 1000",
-                "graph_ms": round(medians["graph"] * 1e3, 2),
-                "eager_ms": round(medians["eager"] * 1e3, 2),
-                "speedup": round(medians["eager"] / medians["graph"], 2),
+                "graph_ms": round(graph_ms, 2),
+                "eager_ms": round(eager_ms, 2),
+                "speedup": round(eager_ms / graph_ms, 2),
                 # passes replayed (the prefix's, then one per call: 12 when all were)
-                "graph_passes": graphs.replays - replays,
+                "graph_passes": replays,
+            }
+        )
+    return rows
+
+
+def run_long_context(b: Bench) -> list[dict]:
+    """One request's 16-token prefill after a cached 1,000 / 4,000 / 8,000-token context (a
+    program's ``gen`` late in a long conversation), median of 10, from a graph and eagerly,
+    beside the pass's bound: weights and the context's KV read once at the copy bandwidth.
+    (The extend kernel's own figures, split over the prefix or not: ``tune_extend_attention``.)"""
+    if b.engine.scheduler.runner.prefill_graphs is None:
+        return []
+    rows = []
+    for context in (1000, 4000, 8000):
+        prefix = b.prompts([context])[0]
+        batches = [[prefix + b.prompts([16])[0]] for _ in range(11)]
+        graph_ms, replays = prefill_ms(b, prefix, batches, "graph")
+        eager_ms, _ = prefill_ms(b, prefix, batches, "eager")
+        bound = (b.weight_bytes + context * b.kv_bytes_per_token) / b.bandwidth
+        rows.append(
+            {
+                "workload": f"prefill 1 x 16 after a cached {context}",
+                "graph_ms": round(graph_ms, 2),
+                "eager_ms": round(eager_ms, 2),
+                "speedup": round(eager_ms / graph_ms, 2),
+                "graph_passes": replays,
+                "bound_ms": round(bound * 1e3, 2),
             }
         )
     return rows
@@ -345,7 +385,9 @@ def free_gpu_memory() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokenizer", type=Path, required=True, help="SmolLM2 tokenizer folder")
-    parser.add_argument("--only", default="batch1,batch64,random256,prefix,json64,prefill,small")
+    parser.add_argument(
+        "--only", default="batch1,batch64,random256,prefix,json64,prefill,longctx,small"
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8_e4m3")
     parser.add_argument("--chunked-prefill-size", type=int, default=None, help="engine default")
@@ -391,6 +433,7 @@ def main() -> None:
         ("random256", run_random256),
         ("json64", run_json64),
         ("prefill", run_short_prefill),
+        ("longctx", run_long_context),
     ):
         if name in only:
             new_rows = fn(bench)

@@ -3,7 +3,7 @@
 For a few batch/context mixes (Llama-3-8B heads: 32 query, 8 KV, head dim 128), times every
 (block_n, num_warps, num_stages, splits) and prints the best, its achieved bandwidth (K and V
 bytes read / time) and the engine's choice (``default_decode_config`` and the split count CUDA
-graphs use: ``choose_num_kv_splits`` at the model's 8,192-token context).
+graphs use: ``choose_num_splits`` at the model's 8,192-token context).
 
 Timing: one CUDA graph holds one launch per layer over ``--layers`` separate caches (several
 GB, so a launch does not find its keys in L2 from the previous one, as in the engine); the
@@ -82,7 +82,7 @@ def main() -> None:
         q = torch.randn(batch, HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)
         out = torch.empty_like(q)
         nbytes = total * KV_HEADS * HEAD_DIM * 2 * kv_dtype.itemsize
-        mid_o, mid_lse = tk.decode_partial_buffers(
+        mid_o, mid_lse = tk.split_partial_buffers(
             batch, HEADS, HEAD_DIM, max(GRID["splits"]), device
         )
         timings = []
@@ -103,7 +103,7 @@ def main() -> None:
             timings.append((us, block_n, warps, stages, splits))
         timings.sort()
         best = timings[0]
-        splits = tk.choose_num_kv_splits(batch, KV_HEADS, GRAPH_CONTEXT, sms)
+        splits = tk.choose_num_splits(batch * KV_HEADS, GRAPH_CONTEXT, sms)
         config = (*tk.default_decode_config(device, kv_dtype, batch * KV_HEADS), splits)
         default = next((t for t in timings if t[1:] == config), None)
         default_text = (

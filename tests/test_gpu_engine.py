@@ -17,7 +17,9 @@ import pytest
 import torch
 from tiny_models import write_tiny_model
 
+from backend.attention import triton_kernels as tk
 from backend.engine import Engine
+from backend.prefill_graph_runner import prefix_splits
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -42,14 +44,21 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(tiny_dir: Path) -> list[list[int]]:
-    """transformers' greedy continuations on the GPU in float32."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """transformers' greedy continuations of PROMPTS."""
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
+    return transformers_greedy(tiny_dir, [tok.encode(p) for p in PROMPTS])
+
+
+def transformers_greedy(tiny_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
+    """transformers' greedy continuations of token-id prompts on the GPU in float32."""
+    from transformers import AutoModelForCausalLM
+
     hf = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).cuda().eval()
     out = []
-    for prompt in PROMPTS:
-        ids = torch.tensor([tok.encode(prompt)], device="cuda")
+    for prompt in prompts:
+        ids = torch.tensor([prompt], device="cuda")
         gen = hf.generate(
             ids,
             attention_mask=torch.ones_like(ids),
@@ -133,7 +142,7 @@ def prefill_script(eng: Engine) -> list[tuple[list[dict], int, int]]:
         PROMPTS[1:4],  # three cold requests
         PROMPTS[:5],  # four cached but for their last token (first: lpm), one cold (last)
         [stem + tok.encode(" a cat sat", add_special_tokens=False)],  # over the cached stem
-        [PROMPTS[2]],  # fully cached: one new token, left to the decode kernels (eager)
+        [PROMPTS[2]],  # fully cached: one new token
         [PROMPTS[5]],  # ~250 tokens: chunks of 64
         [stem + tok.encode(f" {w} {w}", add_special_tokens=False) for w in WORDS],  # 12 x 2+
     ]
@@ -161,14 +170,15 @@ def prefill_script(eng: Engine) -> list[tuple[list[dict], int, int]]:
 
 def test_prefill_passes_replay_graphs(graph_engine: Engine, tiny_dir: Path) -> None:
     """Prefill passes of at most 64 requests and 64 tokens (the chunk size), padded to 16,
-    32 or 64 tokens, replay graphs unless they end with a one-token request. Greedy tokens
-    and input logprobs equal those without prefill graphs."""
+    32 or 64 tokens, replay graphs, one-token requests included (which an eager pass gives
+    the decode kernels). Greedy tokens and input logprobs equal those without prefill
+    graphs."""
     runner = graph_engine.scheduler.runner.prefill_graphs
     assert runner is not None and runner.sizes == [16, 32, 64] and runner.max_requests == 64
     assert runner.can_run([9] * 32, [2] * 32) and runner.can_run([0, 0], [1, 63])
     assert runner.can_run([runner.kv_capacity - 64], [64])
+    assert runner.can_run([0, 0], [5, 1]) and runner.can_run([7], [1])
     assert not runner.can_run([0], [65]) and not runner.can_run([], [])
-    assert not runner.can_run([0, 0], [5, 1]) and not runner.can_run([7], [1])
     assert not runner.can_run([runner.kv_capacity - 63], [64])
     with Engine(str(tiny_dir), chunked_prefill_size=64, cuda_graph_max_prefill_tokens=0,
                 **GRAPHS_UP_TO_4) as eager:  # fmt: skip
@@ -177,11 +187,9 @@ def test_prefill_passes_replay_graphs(graph_engine: Engine, tiny_dir: Path) -> N
     got = prefill_script(graph_engine)
     replayed = [replays for _, _, replays in got]
     passes = [n for _, n, _ in got]
-    assert replayed[:4] == passes[:4] == [1, 1, 1, 1]  # graphs only
-    assert replayed[4] == 0 and passes[4] == 1  # eager
+    assert replayed[:5] == passes[:5] == [1, 1, 1, 1, 1]  # graphs only
     long_prompt = len(graph_engine.tokenizer.encode(PROMPTS[5]))
-    assert passes[5] == -(-long_prompt // 64) >= 4  # chunks of 64 tokens
-    assert replayed[5] == passes[5] - (long_prompt % 64 == 1)  # a 1-token last chunk: eager
+    assert replayed[5] == passes[5] == -(-long_prompt // 64) >= 4  # chunks of 64 tokens
     assert replayed[6] == passes[6] == 1  # 12 requests over a cached stem: one pass
     assert replayed[7] == 1
     for (out, _, _), (want, _, _) in zip(got, expected):
@@ -189,6 +197,34 @@ def test_prefill_passes_replay_graphs(graph_engine: Engine, tiny_dir: Path) -> N
     lp = [x for x, _, _ in got[7][0][0]["meta_info"]["input_token_logprobs"][1:]]
     want_lp = [x for x, _, _ in expected[7][0][0]["meta_info"]["input_token_logprobs"][1:]]
     assert lp == pytest.approx(want_lp, abs=1e-4)
+
+
+def test_short_extend_over_a_long_cached_prefix_matches_transformers(
+    graph_engine: Engine, tiny_dir: Path
+) -> None:
+    """A few new tokens after ~440 cached ones (a program's gen over a long context): the
+    extend kernel reads the cached prefix in chunks (here 2 of at least 256 tokens) and
+    merges them, replayed from the 16-token graph and eagerly with prefill graphs off;
+    greedy tokens equal transformers'."""
+    tok = graph_engine.tokenizer
+    stem = tok.encode(" ".join(f"item {i}," for i in range(90)))
+    prompt = stem + tok.encode(" and the next", add_special_tokens=False)
+    assert -(-len(stem) // tk.MIN_PREFIX_SPLIT_LEN) == 2 <= prefix_splits(16)
+    want = transformers_greedy(tiny_dir, [prompt])[0]
+    runner = graph_engine.scheduler.runner.prefill_graphs
+    with Engine(str(tiny_dir), chunked_prefill_size=64, cuda_graph_max_prefill_tokens=0,
+                **GRAPHS_UP_TO_4) as eager:  # fmt: skip
+        for eng in (graph_engine, eager):
+            eng.flush_cache()
+            eng.generate(input_ids=stem, sampling_params={**GREEDY, "max_new_tokens": 1})
+            before, replays = eng.get_stats(), runner.replays
+            out = eng.generate(input_ids=prompt, sampling_params=GREEDY)
+            after = eng.get_stats()
+            assert after["forward_steps"]["prefill"] - before["forward_steps"]["prefill"] == 1
+            assert after["cached_tokens"] - before["cached_tokens"] >= len(stem)
+            assert runner.replays - replays == (1 if eng is graph_engine else 0)
+            assert out["output_ids"] == want
+            check_idle(eng)
 
 
 def test_graphs_off_gives_the_same_tokens(tiny_dir: Path, reference: list[list[int]]) -> None:

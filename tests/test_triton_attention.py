@@ -159,9 +159,12 @@ def run_extend(
     block_m: int = 16,
     block_n: int = 16,
     kv_dtype: torch.dtype | None = None,
+    num_splits: int = 1,
+    min_split_len: int = 16,
+    heads_per_program: int | None = None,
 ) -> None:
     """Extend attention of one ragged batch against the per-request reference (``kv_dtype``:
-    the pool's dtype when it is not ``dtype``)."""
+    the pool's dtype when it is not ``dtype``; ``num_splits``: chunks of each prefix)."""
     pool = Pool(num_kv_heads, dtype, seed=sum(prefix_lens) + len(extend_lens), head_dim=head_dim)
     if kv_dtype is not None:
         pool.k_buf, pool.v_buf = pool.k_buf.to(kv_dtype), pool.v_buf.to(kv_dtype)
@@ -172,6 +175,10 @@ def run_extend(
     v = pool.randn(total, num_kv_heads, head_dim).to(dtype)
     out = torch.full_like(q, float("nan"))
     qo_indptr = indptr(extend_lens)
+    # NaN scratch: what the kernels do not write (empty chunks' outputs) must not be read
+    mid_o, mid_lse = tk.split_partial_buffers(total, num_heads, head_dim, num_splits, DEVICE)
+    mid_o.fill_(float("nan"))
+    mid_lse.fill_(float("nan"))
     tk.extend_attention(
         q,
         k,
@@ -186,6 +193,11 @@ def run_extend(
         max(extend_lens),
         block_m=block_m,
         block_n=block_n,
+        num_splits=num_splits,
+        min_split_len=min_split_len,
+        mid_o=mid_o,
+        mid_lse=mid_lse,
+        heads_per_program=heads_per_program,
     )
     for i, (p, s) in enumerate(zip(prefix_lens, slots)):
         lo, hi = int(qo_indptr[i]), int(qo_indptr[i + 1])
@@ -198,9 +210,37 @@ def run_extend(
 @pytest.mark.parametrize("group", [1, 4], ids=["mha", "gqa4"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_extend_ragged_batch(dtype: torch.dtype, group: int) -> None:
-    """Prefix 0, 1, odd, longer than a block (37 > 16), a request spanning two query
-    blocks (17 > 16 new tokens) and a request with no new tokens, in one launch."""
+    """Prefix 0, 1, odd, longer than a block (37 > 16), a request spanning several query
+    blocks (17 new tokens) and a request with no new tokens, in one launch; a program takes
+    the whole query group (4 tokens x 4 heads in 16 rows for GQA)."""
     run_extend([0, 1, 7, 37, 3], [5, 17, 3, 1, 0], num_heads=2 * group, num_kv_heads=2, dtype=dtype)
+
+
+@pytest.mark.parametrize("heads_per_program", [1, 2])
+def test_extend_fewer_heads_per_program_than_the_group(heads_per_program: int) -> None:
+    run_extend([0, 7, 37], [17, 3, 9], 8, 2, torch.float32, heads_per_program=heads_per_program)
+    with pytest.raises(ValueError, match="does not divide"):
+        run_extend([0], [3], 8, 2, torch.float32, heads_per_program=3)
+
+
+@pytest.mark.parametrize("num_splits", [2, 5])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_extend_split_prefix(dtype: torch.dtype, num_splits: int) -> None:
+    """Prefixes read in chunks and merged: no prefix, one token, shorter than a chunk
+    (empty chunks), a ragged last chunk, and new tokens spanning two query blocks."""
+    run_extend(
+        [0, 1, 17, 70, 33],
+        [5, 17, 3, 1, 20],
+        num_heads=4,
+        num_kv_heads=2,
+        dtype=dtype,
+        num_splits=num_splits,
+    )
+
+
+def test_extend_split_prefix_respects_the_minimum_chunk() -> None:
+    """Chunks of at least 48 tokens: 100 cached tokens take 3 of 4 chunks, 40 take one."""
+    run_extend([100, 40], [3, 6], 2, 1, torch.float32, num_splits=4, min_split_len=48)
 
 
 def test_extend_single_long_request_without_prefix() -> None:
@@ -208,6 +248,7 @@ def test_extend_single_long_request_without_prefix() -> None:
 
 
 def test_extend_head_dim_not_a_power_of_two_and_rectangular_blocks() -> None:
+    """Also a group of 3 (10 tokens x 3 heads in 32 rows, 2 rows idle)."""
     run_extend([19, 0], [21, 2], 6, 2, torch.float32, head_dim=24, block_m=32, block_n=16)
     run_extend([33], [9], 2, 2, torch.float16, block_m=16, block_n=32)
 
@@ -393,12 +434,14 @@ def test_fp8_values_read_as_words_or_bytes_agree() -> None:
     torch.testing.assert_close(outs[0], outs[1], atol=2e-3, rtol=2e-2)
 
 
-def test_choose_num_kv_splits() -> None:
-    assert tk.choose_num_kv_splits(1, 8, 100, num_sms=132) == 1  # short: one split
-    assert tk.choose_num_kv_splits(1, 8, 4096, num_sms=132) == 16  # long, small batch
-    assert tk.choose_num_kv_splits(64, 8, 4096, num_sms=132) == 1  # batch fills the GPU
-    assert tk.choose_num_kv_splits(4, 8, 4096, num_sms=132) == 9
-    assert tk.choose_num_kv_splits(1, 8, 4096, num_sms=132, max_splits=4) == 4
+def test_choose_num_splits() -> None:
+    assert tk.choose_num_splits(8, 100, num_sms=132) == 1  # short: one split
+    assert tk.choose_num_splits(8, 4096, num_sms=132) == 16  # long, few programs
+    assert tk.choose_num_splits(64 * 8, 4096, num_sms=132) == 1  # programs fill the GPU
+    assert tk.choose_num_splits(4 * 8, 4096, num_sms=132) == 9
+    assert tk.choose_num_splits(8, 4096, num_sms=132, max_splits=4) == 4
+    assert tk.choose_num_splits(8, 4096, num_sms=132, min_split_len=1024) == 4
+    assert tk.choose_num_splits(4 * 8, 4096, num_sms=132, occupancy=1) == 5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,11 +511,13 @@ def test_backend_extend_then_decode_matches_torch_backend() -> None:
     """Two layers, GQA 2; decode includes a group sharing a 40-slot prefix (the torch
     backend's shared-prefix path) next to unrelated requests."""
     pools = twin_pools(num_layers=2, num_kv_heads=2)
-    backend = TritonAttentionBackend(pools[0], num_kv_splits=3)
+    backend = TritonAttentionBackend(
+        pools[0], num_kv_splits=3, num_extend_splits=3, min_prefix_split_len=16
+    )
     order = torch.randperm(NUM_SLOTS, generator=torch.Generator().manual_seed(2)) + 1
     order = order.to(DEVICE)
     # extend: prompts of 40 (fresh), 6 + 3 over a cached prefix, 1 after 34 cached
-    prefix_lens, extend_lens = [0, 6, 34], [40, 3, 1]
+    prefix_lens, extend_lens = [0, 6, 34], [40, 3, 2]
     slots, used = [], 0
     for p, e in zip(prefix_lens, extend_lens):
         slots.append(order[used : used + p + e])

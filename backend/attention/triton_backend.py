@@ -3,7 +3,10 @@
 Same contract as ``TorchAttentionBackend`` (``backend/attention/base.py``). Per forward
 pass, ``init_forward_metadata`` flattens the requests' slot lists into
 ``kv_indptr``/``kv_indices`` (one concatenation on the device) and, for DECODE, picks the
-number of KV splits and allocates the float32 split scratch that every layer reuses. Per
+number of KV splits; the first layer allocates the float32 split scratch that every layer
+reuses (in EXTEND it first picks how many chunks the cached prefixes split into, which
+needs the number of query heads: a short extend over a long cached context then runs
+chunks in parallel and merges them, as decode does). Per
 layer, ``forward`` writes the new K/V with one kernel, then runs the extend kernel or the
 decode kernels (``backend/attention/triton_kernels.py``); an extend pass whose last
 requests add one token each (a mixed pass's running requests) runs the decode kernels for
@@ -38,12 +41,16 @@ class TritonAttnMetadata:
     qo_indptr: torch.Tensor | None = None  # [B + 1] offsets of the new tokens
     prefix_lens: torch.Tensor | None = None  # [B]
     max_extend_len: int = 0
+    extend_lens: tuple[int, ...] = ()  # host values, with max_prefix_len: size the split
+    max_prefix_len: int = 0
     # the trailing one-token requests' DECODE metadata (their attention is a decode step's)
     decode_tail: TritonAttnMetadata | None = None
-    # DECODE
+    # Splits over the KV (DECODE: each request's slots; EXTEND: each cached prefix; 0: the
+    # first layer chooses, when the number of query heads is known) and their float32
+    # scratch, allocated by the first layer and reused by the others.
     num_kv_splits: int = 1
-    mid_o: torch.Tensor | None = None  # [B, H, S, D] float32
-    mid_lse: torch.Tensor | None = None  # [B, H, S] float32
+    mid_o: torch.Tensor | None = None  # [B or T, H, S, D]
+    mid_lse: torch.Tensor | None = None  # [B or T, H, S]
 
     @property
     def num_requests(self) -> int:
@@ -53,9 +60,12 @@ class TritonAttnMetadata:
 class TritonAttentionBackend:
     """``AttentionBackend`` running Triton kernels (CUDA; CPU under ``TRITON_INTERPRET=1``).
 
-    ``num_kv_splits`` fixes the decode split count (tests, CUDA graphs);
-    by default it is chosen per pass from the batch size and the longest sequence.
-    Block sizes default per device (``triton_kernels.default_extend_blocks`` /
+    ``num_kv_splits`` fixes the decode split count and ``num_extend_splits`` the extend
+    kernel's split of the cached prefixes (tests, CUDA graphs); by default each is chosen
+    per pass (``triton_kernels.choose_num_splits``) from the programs of one split and the
+    longest context (decode) or cached prefix (extend); prefix chunks are at least
+    ``min_prefix_split_len`` tokens.
+    Block sizes default per device (``triton_kernels.extend_config`` /
     ``default_decode_config``) and can be overridden.
     """
 
@@ -64,6 +74,8 @@ class TritonAttentionBackend:
         pool: KVPool,
         *,
         num_kv_splits: int | None = None,
+        num_extend_splits: int | None = None,
+        min_prefix_split_len: int = tk.MIN_PREFIX_SPLIT_LEN,
         max_kv_splits: int = 16,
         extend_block_m: int | None = None,
         extend_block_n: int | None = None,
@@ -74,6 +86,8 @@ class TritonAttentionBackend:
         self.num_kv_heads = int(pool.k_buffers[0].shape[1])
         self.head_dim = int(pool.k_buffers[0].shape[2])
         self.num_kv_splits = num_kv_splits
+        self.num_extend_splits = num_extend_splits
+        self.min_prefix_split_len = min_prefix_split_len
         self.max_kv_splits = max_kv_splits
         self.extend_block_m = extend_block_m
         self.extend_block_n = extend_block_n
@@ -104,6 +118,9 @@ class TritonAttentionBackend:
                     batch.prefix_lens[: len(head)], dtype=torch.int32, device=device
                 ),
                 max_extend_len=max(head, default=0),
+                extend_lens=tuple(head),
+                max_prefix_len=max(batch.prefix_lens[: len(head)], default=0),
+                num_kv_splits=self.num_extend_splits or 0,
             )
             if tail:  # kv_indptr's tail as its own tensor: a view would change the pointer
                 # alignment Triton specializes on from pass to pass (a compilation each)
@@ -121,13 +138,41 @@ class TritonAttentionBackend:
         )
 
     def _splits(self, seq_lens: list[int]) -> int:
-        return self.num_kv_splits or tk.choose_num_kv_splits(
-            len(seq_lens),
-            self.num_kv_heads,
+        return self.num_kv_splits or tk.choose_num_splits(
+            len(seq_lens) * self.num_kv_heads,
             max(seq_lens, default=1),
             self.num_sms,
             max_splits=self.max_kv_splits,
         )
+
+    def _extend_scratch(self, q: torch.Tensor, meta: TritonAttnMetadata) -> None:
+        """At a pass's first layer: choose the prefix split (programs per split: the
+        requests' query blocks x head groups) and allocate its scratch."""
+        if meta.num_kv_splits == 0:
+            num_heads = q.shape[1]
+            config = tk.extend_config(
+                len(meta.extend_lens),
+                meta.max_extend_len,
+                num_heads,
+                self.num_kv_heads,
+                q.shape[2],
+                q.dtype,
+                q.device,
+                block_m=self.extend_block_m,
+            )
+            blocks = sum(-(-n // config.block_t) for n in meta.extend_lens)
+            meta.num_kv_splits = tk.choose_num_splits(
+                blocks * (num_heads // config.heads),
+                meta.max_prefix_len,
+                self.num_sms,
+                max_splits=self.max_kv_splits,
+                min_split_len=self.min_prefix_split_len,
+                occupancy=1,
+            )
+        if meta.num_kv_splits > 1 and meta.mid_o is None:
+            meta.mid_o, meta.mid_lse = tk.split_partial_buffers(
+                q.shape[0], q.shape[1], q.shape[2], meta.num_kv_splits, q.device
+            )
 
     def forward(
         self,
@@ -150,6 +195,7 @@ class TritonAttentionBackend:
         tail = meta.decode_tail
         head = q.shape[0] - (tail.num_requests if tail else 0)  # tokens for the extend kernel
         if head:
+            self._extend_scratch(q, meta)
             tk.extend_attention(
                 q[:head],
                 k[:head],
@@ -164,6 +210,10 @@ class TritonAttentionBackend:
                 meta.max_extend_len,
                 block_m=self.extend_block_m,
                 block_n=self.extend_block_n,
+                num_splits=meta.num_kv_splits,
+                min_split_len=self.min_prefix_split_len,
+                mid_o=meta.mid_o,
+                mid_lse=meta.mid_lse,
             )
         if tail:  # their new K/V is in the pool now, as a decode step expects
             self._decode(q[head:], layer_id, tail, out=out[head:])
@@ -201,7 +251,7 @@ class TritonAttentionBackend:
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if meta.mid_o is None:
-            meta.mid_o, meta.mid_lse = tk.decode_partial_buffers(
+            meta.mid_o, meta.mid_lse = tk.split_partial_buffers(
                 q.shape[0], q.shape[1], q.shape[2], meta.num_kv_splits, q.device
             )
         tk.decode_attention(

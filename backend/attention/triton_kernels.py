@@ -43,6 +43,7 @@ import triton.language as tl
 from backend import pdl
 
 LOG2E = 1.4426950408889634
+MIN_PREFIX_SPLIT_LEN = 256  # the shortest prefix chunk of a split extend (extend_attention)
 
 _TL_DTYPES: dict[torch.dtype, tl.dtype] = {
     torch.float16: tl.float16,
@@ -187,7 +188,11 @@ def _extend_kernel(
     kv_indptr,
     kv_indices,
     prefix_lens,
+    Mid_O,
+    Mid_LSE,
     qk_scale,
+    num_splits,
+    min_split_len,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -200,49 +205,81 @@ def _extend_kernel(
     stride_kbh,
     stride_vbs,
     stride_vbh,
+    stride_mot,
+    stride_moh,
+    stride_mos,
+    stride_mlt,
+    stride_mlh,
     GROUP: tl.constexpr,
+    HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
+    FINAL: tl.constexpr,
 ):
-    """Program ``(b, h, m)``: query rows ``m * BLOCK_M ...`` of request ``b``, head ``h``.
+    """Program ``(b, g, m * num_splits + split)``: new tokens ``m * BLOCK_T ...`` of request
+    ``b`` for query heads ``g * HEADS ...`` (``HEADS`` divides ``GROUP``: they share one KV
+    head), over chunk ``split`` of the cached prefix. The tile's ``BLOCK_M`` rows are
+    (token, head) pairs, token-major (``BLOCK_T * HEADS <= BLOCK_M``), so with ``HEADS =
+    GROUP`` a key block is loaded once for its whole query group.
 
-    Online softmax in two phases: (1) the cached prefix, gathered from the pool through
-    the request's slot list, with no causal mask (every new token sees all of it); (2) the
-    new tokens' own keys/values read contiguously from ``K``/``V`` with the causal mask,
-    stopping at the block's diagonal.
+    Online softmax in two phases: (1) the program's chunk of the cached prefix, gathered
+    from the pool through the request's slot list, with no causal mask (every new token sees
+    all of it); (2) split 0 only: the new tokens' own keys/values read contiguously from
+    ``K``/``V`` with the causal mask, stopping at the block's diagonal. Request ``b`` splits
+    its prefix into ``min(num_splits, cdiv(prefix_len, min_split_len))`` chunks (at least
+    one) of whole ``BLOCK_N`` blocks. ``FINAL`` (``num_splits == 1``): the program writes
+    ``Out``. Otherwise it writes its normalized partial output to ``Mid_O[row, h, split]``
+    and its base-2 log-sum-exp to ``Mid_LSE[row, h, split]`` (``-inf`` and no ``Mid_O``
+    for an empty chunk); ``_merge_splits_kernel`` combines them. Split 0 is never empty
+    (a row sees at least its own token).
     """
     b = tl.program_id(0)
-    h = tl.program_id(1)
-    mblk = tl.program_id(2)
-    kvh = h // GROUP
+    first_head = tl.program_id(1) * HEADS
+    mblk = tl.program_id(2) // num_splits
+    split = tl.program_id(2) % num_splits
+    kvh = first_head // GROUP
 
     q_start = tl.load(qo_indptr + b)
     ext_len = tl.load(qo_indptr + b + 1) - q_start
-    if mblk * BLOCK_M >= ext_len:
+    if mblk * BLOCK_T >= ext_len:
         return
     prefix_len = tl.load(prefix_lens + b)
     kv_start = tl.load(kv_indptr + b)
 
-    offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
+    r = tl.arange(0, BLOCK_M)
+    offs_m = mblk * BLOCK_T + r // HEADS  # the row's new token (its index in the request)
+    h = first_head + r % HEADS  # the row's query head
     offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < ext_len
+    mask_m = (r < BLOCK_T * HEADS) & (offs_m < ext_len)
     mask_d = offs_d < HEAD_DIM
     rows = (q_start + offs_m).to(tl.int64)
-    q_ptrs = Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :]
+
+    splits_b = tl.maximum(tl.minimum(num_splits, tl.cdiv(prefix_len, min_split_len)), 1)
+    split_len = tl.cdiv(tl.cdiv(prefix_len, splits_b), BLOCK_N) * BLOCK_N
+    lo = tl.minimum(split * split_len, prefix_len)
+    hi = tl.minimum(lo + split_len, prefix_len)
+    if not FINAL:  # noqa: SIM102 (a compile-time branch)
+        if (split > 0) & (lo >= hi):  # an empty chunk: weight 0 in the merge
+            ml_ptrs = Mid_LSE + rows * stride_mlt + h * stride_mlh + split
+            tl.store(ml_ptrs, tl.full([BLOCK_M], float("-inf"), tl.float32), mask=mask_m)
+            return
+
+    q_ptrs = Q + rows[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(DOT_DTYPE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # (1) cached prefix, through the slot list
-    for start in range(0, prefix_len, BLOCK_N):
+    # (1) this program's chunk of the cached prefix, through the slot list
+    for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < prefix_len
+        mask_n = offs_n < hi
         slots = tl.load(kv_indices + kv_start + offs_n, mask=mask_n, other=0).to(tl.int64)
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k_ptrs = K_buf + slots[:, None] * stride_kbs + kvh * stride_kbh + offs_d[None, :]
@@ -258,8 +295,8 @@ def _extend_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=PRECISION)
         m_i = m_new
 
-    # (2) the new tokens, causal; keys past this block's last row are never needed
-    end = tl.minimum(ext_len, (mblk + 1) * BLOCK_M)
+    # (2) split 0: the new tokens, causal; keys past this block's last row are never needed
+    end = tl.where(split == 0, tl.minimum(ext_len, (mblk + 1) * BLOCK_T), 0)
     for start in range(0, end, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         mask_n = offs_n < ext_len
@@ -280,26 +317,84 @@ def _extend_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=PRECISION)
         m_i = m_new
 
+    # Split 0 saw each row's own token: l_i > 0 there. Other chunks are non-empty here.
     out = acc / l_i[:, None]
-    o_ptrs = Out + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    o_mask = mask_m[:, None] & mask_d[None, :]
+    if FINAL:
+        o_ptrs = Out + rows[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=o_mask)
+    else:
+        mo_ptrs = Mid_O + rows[:, None] * stride_mot + h[:, None] * stride_moh + split * stride_mos
+        tl.store(mo_ptrs + offs_d[None, :], out, mask=o_mask)
+        lse = m_i + tl.log2(l_i)
+        tl.store(Mid_LSE + rows * stride_mlt + h * stride_mlh + split, lse, mask=mask_m)
 
 
-def default_extend_blocks(
-    head_dim: int, dtype: torch.dtype, device: torch.device
-) -> tuple[int, int, int, int]:
-    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` for the extend kernel.
+@dataclass(frozen=True)
+class ExtendConfig:
+    """Launch parameters of the extend kernel: ``heads`` query heads of one KV head share a
+    program's ``block_m`` rows (so ``block_m // heads`` new tokens per program), keys come
+    ``block_n`` at a time."""
 
-    Tiny blocks under the interpreter (it runs every program in Python). On CUDA: 128 x 64
-    tiles for 16-bit dtypes and head dims up to 128 (SGLang/LightLLM's Ampere/Hopper
-    choice), halved for float32 or larger head dims so that the tiles fit in shared memory.
-    One pipeline stage: the gathered prefix loads do not pipeline well (as in SGLang).
+    heads: int
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    @property
+    def block_t(self) -> int:
+        return self.block_m // self.heads
+
+
+def extend_config(
+    batch_size: int,
+    max_extend_len: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    heads_per_program: int | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> ExtendConfig:
+    """The extend launch's parameters; those given override the defaults.
+
+    Under the interpreter: 16 x 16 tiles. On CUDA (``benchmarks/tune_extend_attention.py``,
+    H100, Llama-3-8B heads): a program takes the whole GQA group (keys loaded once per
+    group), tiles of 64 or 128 rows (fewer when the longest request has fewer), 64 keys,
+    4 warps, and 3 pipeline stages at 64 rows (2 at 128). 128 rows only when the grid still
+    has two programs per SM with them: a request's 64 new tokens after a 1,000-token prefix
+    took 15.0 us per layer at 64 rows against 24.3 at 128; 64 requests' 32 tokens after
+    2,000 took 266 us at 128 rows against 402 (each program re-reads its prefix); 8 x
+    1,000 new tokens 314 us (209 TFLOP/s) against 375 for the earlier 1-head, 8-warp,
+    1-stage tile. float32 or head dims over 128 take 64 x 32 tiles (shared memory).
     """
-    if is_interpreted() or device.type != "cuda":
-        return 16, 16, 4, 1
-    if head_dim <= 128 and dtype != torch.float32:
-        return 128, 64, 4 if head_dim <= 64 else 8, 1
-    return 64, 32, 4, 1
+    group = num_heads // num_kv_heads
+    interpreted = is_interpreted() or device.type != "cuda"
+    wide = not interpreted and (head_dim > 128 or dtype == torch.float32)
+    max_m = 16 if interpreted else 64 if wide else 128
+    heads = heads_per_program or (group if group <= (block_m or max_m) else 1)
+    if group % heads:
+        raise ValueError(f"heads_per_program {heads} does not divide the group size {group}")
+    if block_m is None:
+        block_m = min(max_m, max(16, triton.next_power_of_2(max_extend_len * heads)))
+        programs = batch_size * triton.cdiv(max_extend_len, block_m // heads) * num_heads // heads
+        if block_m == 128 and programs < 2 * _num_sms(device):
+            block_m = 64
+    if block_m < heads:
+        raise ValueError(f"block_m {block_m} holds no token of {heads} heads")
+    if interpreted:
+        n, warps, stages = 16, 4, 1
+    elif wide:
+        n, warps, stages = 32, 4, 1
+    else:
+        n, warps, stages = 64, 4, 3 if block_m <= 64 else 2
+    return ExtendConfig(heads, block_m, block_n or n, num_warps or warps, num_stages or stages)
 
 
 def extend_attention(
@@ -319,6 +414,11 @@ def extend_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    num_splits: int = 1,
+    min_split_len: int = MIN_PREFIX_SPLIT_LEN,
+    mid_o: torch.Tensor | None = None,
+    mid_lse: torch.Tensor | None = None,
+    heads_per_program: int | None = None,
 ) -> None:
     """Write into ``o`` ``[T, H, D]`` the attention of the new tokens of a ragged batch.
 
@@ -328,6 +428,15 @@ def extend_attention(
     ``k_buf``/``v_buf``. ``max_extend_len`` bounds ``qo_indptr`` differences (host value,
     sizes the grid). The pool part of each slot list past the prefix is not read, so the new
     tokens need not be in the pool yet.
+
+    ``num_splits > 1`` splits each request's prefix into up to that many chunks of at
+    least ``min_split_len`` tokens, read by separate programs and merged by a second
+    launch (a short extend over a long cached context then fills the GPU); ``mid_o`` /
+    ``mid_lse`` (``split_partial_buffers``, at least ``T`` rows and ``num_splits``
+    splits) are allocated when not given. Rows of ``o`` past ``qo_indptr[B]`` may be
+    overwritten.
+
+    Launch parameters left ``None`` come from ``extend_config``.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
@@ -336,12 +445,35 @@ def extend_attention(
         return
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    if num_splits < 1 or min_split_len < 1:
+        raise ValueError(f"num_splits ({num_splits}) and min_split_len must be >= 1")
     _check_last_dim_contiguous(q, k, v, o, k_buf, v_buf)
-    dm, dn, dw, ds = default_extend_blocks(head_dim, q.dtype, q.device)
-    block_m, block_n = block_m or dm, block_n or dn
-    num_warps, num_stages = num_warps or dw, num_stages or ds
+    config = extend_config(
+        batch_size,
+        max_extend_len,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        q.dtype,
+        q.device,
+        heads_per_program=heads_per_program,
+        block_m=block_m,
+        block_n=block_n,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
     scale = (sm_scale if sm_scale is not None else head_dim**-0.5) * LOG2E
-    grid = (batch_size, num_heads, triton.cdiv(max_extend_len, block_m))
+    final = num_splits == 1
+    if final:
+        mid_o, mid_lse = o.unsqueeze(2), o  # placeholders, never read or written
+    elif mid_o is None or mid_lse is None:
+        mid_o, mid_lse = split_partial_buffers(
+            num_tokens, num_heads, head_dim, num_splits, q.device
+        )
+    if mid_o.shape[0] < num_tokens or mid_o.shape[2] < num_splits or mid_o.stride(-1) != 1:
+        raise ValueError("mid_o has fewer rows or splits than needed, or a strided last dim")
+    heads, block_t = config.heads, config.block_t
+    grid = (batch_size, num_heads // heads, triton.cdiv(max_extend_len, block_t) * num_splits)
     _extend_kernel[grid](
         q,
         k,
@@ -353,7 +485,11 @@ def extend_attention(
         kv_indptr,
         kv_indices,
         prefix_lens,
+        mid_o,
+        mid_lse,
         scale,
+        num_splits,
+        min_split_len,
         q.stride(0),
         q.stride(1),
         k.stride(0),
@@ -366,16 +502,26 @@ def extend_attention(
         k_buf.stride(1),
         v_buf.stride(0),
         v_buf.stride(1),
+        mid_o.stride(0),
+        mid_o.stride(1),
+        mid_o.stride(2),
+        mid_lse.stride(0),
+        mid_lse.stride(1),
         GROUP=num_heads // num_kv_heads,
+        HEADS=heads,
         HEAD_DIM=head_dim,
         BLOCK_D=_block_d(head_dim),
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
+        BLOCK_M=config.block_m,
+        BLOCK_T=block_t,
+        BLOCK_N=config.block_n,
         DOT_DTYPE=_dot_dtype(q.dtype),
         PRECISION=_precision(q.dtype),
-        num_warps=num_warps,
-        num_stages=num_stages,
+        FINAL=final,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
+    if not final:
+        _merge_splits(mid_o, mid_lse, o, num_tokens, num_splits)
 
 
 # --------------------------------------------------------------------------------------------
@@ -567,7 +713,7 @@ def _decode_partial_kernel(
 
 
 @triton.jit
-def _decode_reduce_kernel(
+def _merge_splits_kernel(
     Mid_O,
     Mid_LSE,
     Out,
@@ -583,10 +729,12 @@ def _decode_reduce_kernel(
     BLOCK_D: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    """Program ``(b, h)``: merge the ``num_splits`` partial outputs by their log-sum-exp.
+    """Program ``(b, h)``: merge row ``b``'s ``num_splits`` partial outputs for head ``h``
+    (``Mid_O`` ``[rows, H, S, D]``, ``Mid_LSE`` ``[rows, H, S]``) by their log-sum-exp.
 
-    Split 0 is never empty (``seq_len >= 1``), so the running maximum is finite after it
-    and empty splits (``lse = -inf``) get weight 0.
+    Split 0 is never empty, so the running maximum is finite after it; empty splits
+    (``lse = -inf``) are skipped, so their ``Mid_O`` need not be written. Used by the
+    decode kernels (a row per request) and the split extend kernel (a row per new token).
     """
     pdl.pdl_enter(USE_PDL)
     b = tl.program_id(0)
@@ -600,13 +748,14 @@ def _decode_reduce_kernel(
     acc = tl.load(mo_base + offs_d, mask=mask_d, other=0.0)
     for split in range(1, num_splits):
         lse = tl.load(ml_base + split)
-        part = tl.load(mo_base + split * stride_mos + offs_d, mask=mask_d, other=0.0)
-        m_new = tl.maximum(m, lse)
-        alpha = tl.exp2(m - m_new)
-        w = tl.exp2(lse - m_new)
-        acc = acc * alpha + part * w
-        denom = denom * alpha + w
-        m = m_new
+        if lse > float("-inf"):
+            part = tl.load(mo_base + split * stride_mos + offs_d, mask=mask_d, other=0.0)
+            m_new = tl.maximum(m, lse)
+            alpha = tl.exp2(m - m_new)
+            w = tl.exp2(lse - m_new)
+            acc = acc * alpha + part * w
+            denom = denom * alpha + w
+            m = m_new
     out = acc / denom
     tl.store(
         Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=mask_d
@@ -636,30 +785,33 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def choose_num_kv_splits(
-    batch_size: int,
-    num_kv_heads: int,
-    max_seq_len: int,
+def choose_num_splits(
+    programs: int,
+    max_len: int,
     num_sms: int,
     max_splits: int = 16,
     min_split_len: int = 256,
+    occupancy: int = 2,
 ) -> int:
-    """Splits per request for decode: enough programs to fill ``2 * num_sms`` SMs' worth of
-    work, never more than ``max_splits`` nor chunks shorter than ``min_split_len`` tokens."""
-    by_len = triton.cdiv(max(max_seq_len, 1), min_split_len)
-    by_occupancy = triton.cdiv(2 * num_sms, max(batch_size * num_kv_heads, 1))
+    """Splits of a split attention launch of ``programs`` programs per split (decode:
+    requests x KV heads; extend: query blocks x head groups) over contexts of up to
+    ``max_len`` tokens: enough programs for ``occupancy`` per SM, never more than
+    ``max_splits`` nor chunks shorter than ``min_split_len`` tokens. (Extend takes one per
+    SM: 16 requests' 16 tokens after 1,000 cached, 128 programs, took 42.7 us per layer
+    unsplit on an H100 against 46.1 in 2 splits.)"""
+    by_len = triton.cdiv(max(max_len, 1), min_split_len)
+    by_occupancy = triton.cdiv(occupancy * num_sms, max(programs, 1))
     return max(1, min(max_splits, by_len, by_occupancy))
 
 
-def decode_partial_buffers(
-    batch_size: int, num_heads: int, head_dim: int, num_splits: int, device: torch.device
+def split_partial_buffers(
+    rows: int, num_heads: int, head_dim: int, num_splits: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float32 scratch for ``decode_attention``: ``(mid_o [B, H, S, D], mid_lse [B, H, S])``;
+    """Float32 scratch of split attention: ``(mid_o [rows, H, S, D], mid_lse [rows, H, S])``,
+    a row per request for ``decode_attention``, per new token for ``extend_attention``;
     can be reused by every layer of one forward pass."""
-    mid_o = torch.empty(
-        (batch_size, num_heads, num_splits, head_dim), dtype=torch.float32, device=device
-    )
-    mid_lse = torch.empty((batch_size, num_heads, num_splits), dtype=torch.float32, device=device)
+    mid_o = torch.empty((rows, num_heads, num_splits, head_dim), dtype=torch.float32, device=device)
+    mid_lse = torch.empty((rows, num_heads, num_splits), dtype=torch.float32, device=device)
     return mid_o, mid_lse
 
 
@@ -698,9 +850,9 @@ def decode_attention(
     """Write into ``o`` ``[B, H, D]`` the attention of one query per request over its slots.
 
     Flash-decoding in two launches: ``_decode_partial_kernel`` on a ``(B, Hkv, num_splits)``
-    grid, then ``_decode_reduce_kernel`` on ``(B, H)``; with one split the first launch
+    grid, then ``_merge_splits_kernel`` on ``(B, H)``; with one split the first launch
     writes ``o`` and is the only one. Every request needs at least one slot.
-    ``mid_o``/``mid_lse`` (from ``decode_partial_buffers`` with at least ``num_splits``
+    ``mid_o``/``mid_lse`` (from ``split_partial_buffers`` with at least ``num_splits``
     splits; unused with one split) are allocated when not given. Launch parameters left ``None``
     come from ``default_decode_config``.
 
@@ -727,7 +879,7 @@ def decode_attention(
     if final:
         mid_o, mid_lse = o.unsqueeze(2), o  # mid_lse: a placeholder, never written
     elif mid_o is None or mid_lse is None:
-        mid_o, mid_lse = decode_partial_buffers(
+        mid_o, mid_lse = split_partial_buffers(
             batch_size, num_heads, head_dim, num_splits, q.device
         )
     if mid_o.shape[2] < num_splits or mid_o.stride(-1) != 1:
@@ -795,7 +947,15 @@ def decode_attention(
     )
     if final:
         return
-    _decode_reduce_kernel[(batch_size, num_heads)](
+    _merge_splits(mid_o, mid_lse, o, batch_size, num_splits)
+
+
+def _merge_splits(
+    mid_o: torch.Tensor, mid_lse: torch.Tensor, o: torch.Tensor, rows: int, num_splits: int
+) -> None:
+    """``o[:rows]`` from the partial outputs of ``num_splits`` splits (one launch)."""
+    head_dim = o.shape[-1]
+    _merge_splits_kernel[(rows, o.shape[1])](
         mid_o,
         mid_lse,
         o,
@@ -808,8 +968,8 @@ def decode_attention(
         o.stride(0),
         o.stride(1),
         HEAD_DIM=head_dim,
-        BLOCK_D=block_d,
-        **pdl.options(q.device),
+        BLOCK_D=_block_d(head_dim),
+        **pdl.options(o.device),
     )
 
 
@@ -821,13 +981,15 @@ def _check_last_dim_contiguous(*tensors: torch.Tensor) -> None:
 
 __all__ = [
     "LOG2E",
+    "MIN_PREFIX_SPLIT_LEN",
     "DecodeRope",
-    "choose_num_kv_splits",
+    "ExtendConfig",
+    "choose_num_splits",
     "decode_attention",
-    "decode_partial_buffers",
     "default_decode_config",
-    "default_extend_blocks",
     "extend_attention",
+    "extend_config",
     "is_interpreted",
+    "split_partial_buffers",
     "store_kv",
 ]
