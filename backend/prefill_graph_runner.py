@@ -46,6 +46,7 @@ from backend.forward_batch import ForwardBatch, ForwardMode
 from backend.models.llama import CausalLM
 
 MAX_REQUESTS = 64  # requests of one graph-replayed pass
+LONG_CONTEXT_CHUNK = 1024  # cached tokens per prefix chunk for a one-token request (can_run)
 SLOTS_PER_REQUEST = 8192  # kv_indices holds max_requests times this (or one context)
 
 
@@ -99,15 +100,21 @@ class PrefillGraphRunner:
         self.replays = 0  # passes run from a graph
 
     def can_run(self, prefix_lens: Sequence[int], extend_lens: Sequence[int]) -> bool:
-        """Whether a pass adding ``extend_lens[i]`` (at least one) tokens to request ``i``
-        after ``prefix_lens[i]`` replays a graph: at most ``max_requests`` requests, the
-        largest captured token count and ``kv_capacity`` slots in all. One-token requests
-        (a fully cached prompt, a fork's first ``gen``) take the extend kernel here, where
-        an eager pass gives trailing ones the decode kernels."""
-        return (
-            0 < len(extend_lens) <= self.max_requests
-            and len(extend_lens) <= sum(extend_lens) <= self.max_tokens
-            and sum(prefix_lens) + sum(extend_lens) <= self.kv_capacity
+        """Whether a pass adding ``extend_lens[i]`` tokens to request ``i`` after
+        ``prefix_lens[i]`` replays a graph: at most ``max_requests`` requests, no more than
+        tokens, the largest captured token count and ``kv_capacity`` slots in all. One-token
+        requests (a fully cached prompt, a fork's first ``gen``, a mixed pass's running
+        requests) take the extend kernel here, where an eager pass gives trailing ones the
+        decode kernels, split over long contexts: so a one-token request's context may span
+        at most ``LONG_CONTEXT_CHUNK`` tokens per prefix chunk of the graph."""
+        tokens = sum(extend_lens)
+        requests = len(extend_lens)
+        if not (0 < requests <= min(self.max_requests, tokens) and tokens <= self.max_tokens):
+            return False
+        size = self.sizes[bisect.bisect_left(self.sizes, tokens)]
+        longest = LONG_CONTEXT_CHUNK * self._splits(size)
+        return sum(prefix_lens) + tokens <= self.kv_capacity and all(
+            p <= longest for p, n in zip(prefix_lens, extend_lens) if n == 1
         )
 
     def run(
@@ -180,9 +187,13 @@ class PrefillGraphRunner:
             qo_indptr=buf[self._qo : self._qo + mr + 1],
             prefix_lens=buf[self._prefix : self._prefix + mr],
             max_extend_len=tokens,
-            num_kv_splits=prefix_splits(tokens),
+            num_kv_splits=self._splits(tokens),
         )
         return batch
+
+    def _splits(self, tokens: int) -> int:
+        """The graph's prefix chunks: the backend's fixed count, else ``prefix_splits``."""
+        return self.attn_backend.num_extend_splits or prefix_splits(tokens)
 
     def _forward(self, tokens: int) -> torch.Tensor:
         return self.model(self._batches[tokens])

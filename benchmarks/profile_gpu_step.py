@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 from backend.engine import Engine
 
 FAMILIES = (  # (family, substrings of the kernel name, lower case); the first match wins
-    ("decode_attn", ("_decode_partial", "_decode_reduce")),
+    ("decode_attn", ("_decode_partial", "_merge_splits")),
     ("extend_attn", ("_extend_kernel",)),
     ("gemv", ("gemv",)),
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_")),

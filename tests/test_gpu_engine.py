@@ -19,7 +19,7 @@ from tiny_models import write_tiny_model
 
 from backend.attention import triton_kernels as tk
 from backend.engine import Engine
-from backend.prefill_graph_runner import prefix_splits
+from backend.prefill_graph_runner import LONG_CONTEXT_CHUNK, prefix_splits
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -178,7 +178,11 @@ def test_prefill_passes_replay_graphs(graph_engine: Engine, tiny_dir: Path) -> N
     assert runner.can_run([9] * 32, [2] * 32) and runner.can_run([0, 0], [1, 63])
     assert runner.can_run([runner.kv_capacity - 64], [64])
     assert runner.can_run([0, 0], [5, 1]) and runner.can_run([7], [1])
+    longest = LONG_CONTEXT_CHUNK * prefix_splits(16)  # a one-token request's context
+    assert runner.can_run([longest], [1]) and runner.can_run([longest + 1], [2])
+    assert not runner.can_run([longest + 1], [1])
     assert not runner.can_run([0], [65]) and not runner.can_run([], [])
+    assert not runner.can_run([0, 0, 0], [2, 0, 0])  # more requests than tokens
     assert not runner.can_run([runner.kv_capacity - 63], [64])
     with Engine(str(tiny_dir), chunked_prefill_size=64, cuda_graph_max_prefill_tokens=0,
                 **GRAPHS_UP_TO_4) as eager:  # fmt: skip

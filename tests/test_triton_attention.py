@@ -516,8 +516,9 @@ def test_backend_extend_then_decode_matches_torch_backend() -> None:
     )
     order = torch.randperm(NUM_SLOTS, generator=torch.Generator().manual_seed(2)) + 1
     order = order.to(DEVICE)
-    # extend: prompts of 40 (fresh), 6 + 3 over a cached prefix, 1 after 34 cached
-    prefix_lens, extend_lens = [0, 6, 34], [40, 3, 2]
+    # extend: prompts of 40 (fresh), 6 + 3 and 34 + 2 over cached prefixes (34: in 3 chunks),
+    # then 1 after 20 cached (a decode tail)
+    prefix_lens, extend_lens = [0, 6, 34, 20], [40, 3, 2, 1]
     slots, used = [], 0
     for p, e in zip(prefix_lens, extend_lens):
         slots.append(order[used : used + p + e])

@@ -19,7 +19,8 @@ Data layout (the contract of every launcher below):
 - GQA: ``H`` is a multiple of ``Hkv``; query head ``h`` reads KV head ``h // (H // Hkv)``.
 - Softmax scale ``sm_scale`` (the engine passes ``1 / sqrt(head_dim)``). Scores are kept in
   base-2 units inside the kernels (``exp2`` with the scale multiplied by ``log2(e)``); the
-  log-sum-exp the decode kernels exchange is base 2 too.
+  log-sum-exp that split launches (decode, and extend over a long prefix) exchange is base 2
+  too.
 - Dtypes: float16, bfloat16 and float32. Matmuls (``tl.dot``) take the pool dtype and
   accumulate in float32; softmax statistics are float32; outputs are cast to ``o``'s dtype.
   float32 inputs use IEEE float32 dots (no TF32), which is what the float32 tests compare.
@@ -470,10 +471,18 @@ def extend_attention(
         mid_o, mid_lse = split_partial_buffers(
             num_tokens, num_heads, head_dim, num_splits, q.device
         )
-    if mid_o.shape[0] < num_tokens or mid_o.shape[2] < num_splits or mid_o.stride(-1) != 1:
-        raise ValueError("mid_o has fewer rows or splits than needed, or a strided last dim")
+    if (
+        mid_o.shape[0] < num_tokens
+        or mid_o.shape[2] < num_splits
+        or mid_o.stride(-1) != 1
+        or mid_lse.shape[0] < num_tokens
+        or mid_lse.shape[2] < num_splits
+    ):
+        raise ValueError("mid_o/mid_lse have fewer rows or splits than needed")
     heads, block_t = config.heads, config.block_t
     grid = (batch_size, num_heads // heads, triton.cdiv(max_extend_len, block_t) * num_splits)
+    if grid[2] > 65535:  # CUDA's limit on the grid's third dimension
+        raise ValueError(f"{max_extend_len} new tokens in {num_splits} splits: chunk the prefill")
     _extend_kernel[grid](
         q,
         k,
