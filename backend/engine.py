@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 
 from backend.attention.base import create_attention_backend
@@ -151,6 +152,11 @@ class RequestHandle:
                 for t in final_meta.get("input_top_logprobs", [])
             ]
         return {"text": self.text, "output_ids": list(self.output_ids), "meta_info": meta}
+
+
+def _is_token_id(value: Any) -> bool:
+    """Whether ``value`` is one token id (so ``input_ids`` holding it is one prompt)."""
+    return isinstance(value, (int, np.integer))
 
 
 class Engine:
@@ -400,7 +406,7 @@ class Engine:
                 raise TypeError("prompt must be a string or a list of strings")
             token_lists = [self.tokenizer.encode(p) for p in prompts]
         else:
-            single = not input_ids or isinstance(input_ids[0], int)
+            single = not input_ids or _is_token_id(input_ids[0])
             token_lists = [list(input_ids)] if single else [list(x) for x in input_ids]
         n = len(token_lists)
 
@@ -418,7 +424,7 @@ class Engine:
         rids = per_item(rid, "rid") if rid is not None else [None] * n
         reqs: list[Req] = []
         for i, ids in enumerate(token_lists):
-            self._validate_ids(ids)
+            ids = self._checked_ids(ids)
             copies = params[i].n
             if copies > 1:
                 single = False
@@ -454,7 +460,7 @@ class Engine:
     @staticmethod
     def _check_single_stream(prompt: Any, input_ids: Any, sampling_params: Any) -> None:
         """A stream is one request: refuse batches and n > 1 before anything is queued."""
-        batched = isinstance(prompt, list) or bool(input_ids and not isinstance(input_ids[0], int))
+        batched = isinstance(prompt, list) or bool(input_ids and not _is_token_id(input_ids[0]))
         n = getattr(sampling_params, "n", None)
         if isinstance(sampling_params, dict):
             n = sampling_params.get("n", 1)
@@ -471,11 +477,25 @@ class Engine:
             f"sampling_params must be a dict or SamplingParams, got {type(value).__name__}"
         )
 
-    def _validate_ids(self, ids: list[int]) -> None:
+    def _checked_ids(self, ids: list[Any]) -> list[int]:
+        """``ids`` as Python ints, once they are checked to be token ids (in one numpy pass:
+        a Python loop took ~1 us per token, 0.1-0.2 ms per 1,000-token prompt) that fit the
+        context and the pool."""
         if not ids:
             raise ValueError("the prompt is empty")
-        if not all(isinstance(t, int) and 0 <= t < self.model.vocab_size for t in ids):
-            raise ValueError(f"input_ids must be integers in [0, {self.model.vocab_size})")
+        vocab = self.model.vocab_size
+        try:
+            array = np.asarray(ids)
+        except (ValueError, TypeError, OverflowError):  # ragged or unconvertible items
+            array = None
+        if (
+            array is None
+            or array.ndim != 1
+            or array.dtype.kind not in "iu"
+            or array.min() < 0
+            or array.max() >= vocab
+        ):
+            raise ValueError(f"input_ids must be integers in [0, {vocab})")
         if len(ids) >= self.context_len:
             raise ValueError(
                 f"the prompt has {len(ids)} tokens; the context length is {self.context_len}"
@@ -483,6 +503,7 @@ class Engine:
         pool_size = self.config.max_total_tokens
         if len(ids) >= pool_size:
             raise ValueError(f"the prompt has {len(ids)} tokens; the KV pool holds {pool_size}")
+        return array.tolist()
 
     def _native_decoder(self) -> NativeDecoder | None:
         """One native call per decode step for the CPU models it supports."""

@@ -105,8 +105,22 @@ class Req:
 
     @property
     def fill_ids(self) -> list[int]:
-        """Every token whose KV must exist before the next token is sampled."""
+        """Every token whose KV must exist before the next token is sampled (a new list:
+        `fill_len` and `fill_slice` avoid copying the whole prompt)."""
         return self.input_ids + self.output_ids
+
+    @property
+    def fill_len(self) -> int:
+        return len(self.input_ids) + len(self.output_ids)
+
+    def fill_slice(self, start: int, end: int) -> list[int]:
+        """``fill_ids[start:end]`` for ``0 <= start <= end``, copying only that range."""
+        n = len(self.input_ids)
+        if end <= n:
+            return self.input_ids[start:end]
+        if start >= n:
+            return self.output_ids[start - n : end - n]
+        return self.input_ids[start:] + self.output_ids[: end - n]
 
     @property
     def wants_input_logprobs(self) -> bool:

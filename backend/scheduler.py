@@ -248,7 +248,7 @@ class Scheduler:
         reqs = list(self.waiting)
         if self.config.schedule_policy == "lpm" and 1 < len(reqs) <= self.config.lpm_max_queue:
             lens = {
-                id(r): len(self.cache.match_prefix(r.fill_ids[: self._prefix_limit(r)]).slots)
+                id(r): len(self.cache.match_prefix(r.fill_slice(0, self._prefix_limit(r))).slots)
                 for r in reqs
             }
             reqs.sort(key=lambda r: -lens[id(r)])
@@ -295,7 +295,7 @@ class Scheduler:
                     continue
                 admitted.append(req)
             else:
-                chunk = min(len(req.fill_ids) - req.num_kv, cap)
+                chunk = min(req.fill_len - req.num_kv, cap)
                 slots = self._alloc(chunk)
                 if slots is None:  # it keeps its place (chunked or extending) and its KV
                     break
@@ -358,7 +358,7 @@ class Scheduler:
         need = prefix_len + borrowed + self.config.dedupe_min_shared_tokens
         if not self.cache.disable and admitted and len(fill) >= need:
             head = fill[:need]  # sharing this much uncached prefix with a batch member: wait
-            if any(other.fill_ids[:need] == head for other in admitted):
+            if any(other.fill_slice(0, need) == head for other in admitted):
                 return -1
         remaining = len(fill) - prefix_len - borrowed
         if remaining == 0:  # a fully cached prefill-only request: nothing to compute
@@ -418,16 +418,17 @@ class Scheduler:
         (and every position ``_prefix_limit`` leaves out of the cache) to compute.
         """
         best, best_len = None, 0
-        if self.cache.disable:
-            return best, best_len
         cap = min(limit, len(fill) - 1)
+        if self.cache.disable or start >= cap:
+            return best, best_len
+        first = fill[start]  # a lender agrees on it (compared before any slice is taken)
         for other in self.prefilling:
             if other.borrowed_slots or other.num_kv > start:  # only the other's new positions
                 continue
-            theirs = other.fill_ids
             end = min(cap, other.num_kv + other.pending_slots)
-            if end - start <= best_len or theirs[start : start + 1] != fill[start : start + 1]:
+            if end - start <= best_len or other.fill_slice(start, start + 1) != [first]:
                 continue
+            theirs = other.fill_ids
             if theirs[:start] != fill[:start]:  # KV at a position depends on all before it
                 continue
             shared = shared_run(fill, theirs, start, end)
@@ -452,7 +453,7 @@ class Scheduler:
             start = req.num_kv + req.borrowed_slots
             rows.append(req.row)
             prefix_lens.append(start)
-            new_tokens.append(req.fill_ids[start : start + chunk])
+            new_tokens.append(req.fill_slice(start, start + chunk))
         hidden = self.runner.extend(rows, prefix_lens, new_tokens)
 
         # Pick the hidden rows whose logits are needed: input-logprob positions, then the
@@ -475,7 +476,7 @@ class Scheduler:
                     picks.append(
                         torch.arange(offset + first_tok - 1 - start, offset + last_tok - start)
                     )
-            completes = start + chunk == len(req.fill_ids)
+            completes = start + chunk == req.fill_len
             if completes and req.params.max_new_tokens > 0:
                 samplers.append(req)
                 sample_rows.append(offset + chunk - 1)
@@ -499,7 +500,7 @@ class Scheduler:
             if req.wants_input_logprobs and req.num_kv >= len(req.input_ids):
                 req.input_logprobs_done = True
             self._cache_unfinished(req)
-            if req.num_kv < len(req.fill_ids):
+            if req.num_kv < req.fill_len:
                 self.chunked = req
             elif req.params.max_new_tokens == 0:
                 self._release(req)
@@ -584,7 +585,7 @@ class Scheduler:
         keep = [
             i
             for i, r in enumerate(reqs)
-            if r.status is ReqStatus.RUNNING and len(r.fill_ids) == r.num_kv
+            if r.status is ReqStatus.RUNNING and r.fill_len == r.num_kv
         ]
         if not keep:
             return None
@@ -687,7 +688,7 @@ class Scheduler:
                 req.status = ReqStatus.PREFILLING
                 if self._jump_forward(req) is not None:
                     continue
-                if len(req.fill_ids) - req.num_kv > 1:  # forced tokens to prefill
+                if req.fill_len - req.num_kv > 1:  # forced tokens to prefill
                     self.extending.append(req)
                     continue
             if req.status is ReqStatus.PREFILLING:
@@ -711,7 +712,7 @@ class Scheduler:
     def _insert_computed(self, req: Req) -> list[int]:
         """Insert the request's computed tokens into the cache; free the slots it computed for
         tokens that another request had cached meanwhile. Returns the inserted tokens."""
-        tokens = req.fill_ids[: req.num_kv]
+        tokens = req.fill_slice(0, req.num_kv)
         slots = self.table.table[req.row, : req.num_kv]
         present = self.cache.insert(tokens, slots)
         if present > req.num_tree_owned:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 import torch
 from tiny_models import TINY_ARCHS
@@ -421,6 +422,11 @@ def test_streaming_is_valid_utf8_and_adds_up(idle_engine: Engine) -> None:
         ({"prompt": "hi", "sampling_params": {"no_such_param": 1}}, "no_such_param"),
         ({"input_ids": [1] * 9000}, "context length"),
         ({"input_ids": [10**9]}, "input_ids"),
+        ({"input_ids": [5, -1]}, "input_ids"),
+        ({"input_ids": [5, 1.5]}, "input_ids"),
+        ({"input_ids": [5, "a"]}, "input_ids"),
+        ({"input_ids": [5, 2**70]}, "input_ids"),
+        ({"input_ids": [[5, 6], [7, [8]]]}, "input_ids"),
     ],
 )
 def test_bad_input_fails_only_that_request(idle_engine: Engine, kwargs, message) -> None:
@@ -429,6 +435,16 @@ def test_bad_input_fails_only_that_request(idle_engine: Engine, kwargs, message)
     assert (
         idle_engine.generate("Hello", {"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
     )
+
+
+def test_input_ids_of_numpy_integers_are_taken_as_ints(idle_engine: Engine) -> None:
+    ids = idle_engine.tokenizer.encode("The capital of France is")
+    params = {"temperature": 0, "max_new_tokens": 4}
+    want = idle_engine.generate(input_ids=ids, sampling_params=params)
+    as_numpy = list(np.asarray(ids, dtype=np.int32))
+    got = idle_engine.generate(input_ids=as_numpy, sampling_params=params)
+    assert got["output_ids"] == want["output_ids"]
+    assert got["meta_info"]["prompt_tokens"] == len(ids)
 
 
 def test_shutdown_finishes_requests_in_flight_and_bad_streams_queue_nothing(idle_engine):

@@ -538,3 +538,17 @@ def test_equal_tokens_after_a_different_cached_prefix_are_not_borrowed(
     assert probe.borrowers == borrowers + 2  # the third from the first, the fourth from the second
     for spec, res in zip(specs, results):
         check_same_as_alone(spec, res, run_alone(engine, spec))
+
+
+def test_fill_slice_and_len_match_fill_ids() -> None:
+    """The scheduler reads ranges of a request's tokens without copying the whole prompt."""
+    from backend.sampling_params import SamplingParams
+
+    req = Req(rid="r", input_ids=[1, 2, 3, 4, 5], params=SamplingParams(), sink=lambda u: None)
+    for outputs in ([], [6, 7]):
+        req.output_ids = list(outputs)
+        fill = req.fill_ids
+        assert req.fill_len == len(fill)
+        for start in range(len(fill) + 1):
+            for end in range(start, len(fill) + 1):
+                assert req.fill_slice(start, end) == fill[start:end]
