@@ -154,6 +154,11 @@ class RequestHandle:
         return {"text": self.text, "output_ids": list(self.output_ids), "meta_info": meta}
 
 
+def _as_lists(input_ids: Any) -> Any:
+    """A numpy array or tensor of ids (one prompt or a 2-D batch) as nested lists."""
+    return input_ids.tolist() if hasattr(input_ids, "tolist") else input_ids
+
+
 def _is_token_id(value: Any) -> bool:
     """Whether ``value`` is one token id (so ``input_ids`` holding it is one prompt)."""
     return isinstance(value, (int, np.integer))
@@ -406,6 +411,7 @@ class Engine:
                 raise TypeError("prompt must be a string or a list of strings")
             token_lists = [self.tokenizer.encode(p) for p in prompts]
         else:
+            input_ids = _as_lists(input_ids)
             single = not input_ids or _is_token_id(input_ids[0])
             token_lists = [list(input_ids)] if single else [list(x) for x in input_ids]
         n = len(token_lists)
@@ -460,6 +466,7 @@ class Engine:
     @staticmethod
     def _check_single_stream(prompt: Any, input_ids: Any, sampling_params: Any) -> None:
         """A stream is one request: refuse batches and n > 1 before anything is queued."""
+        input_ids = _as_lists(input_ids)
         batched = isinstance(prompt, list) or bool(input_ids and not _is_token_id(input_ids[0]))
         n = getattr(sampling_params, "n", None)
         if isinstance(sampling_params, dict):

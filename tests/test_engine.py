@@ -437,14 +437,16 @@ def test_bad_input_fails_only_that_request(idle_engine: Engine, kwargs, message)
     )
 
 
-def test_input_ids_of_numpy_integers_are_taken_as_ints(idle_engine: Engine) -> None:
+def test_input_ids_as_numpy_integers_arrays_and_tensors(idle_engine: Engine) -> None:
     ids = idle_engine.tokenizer.encode("The capital of France is")
     params = {"temperature": 0, "max_new_tokens": 4}
     want = idle_engine.generate(input_ids=ids, sampling_params=params)
-    as_numpy = list(np.asarray(ids, dtype=np.int32))
-    got = idle_engine.generate(input_ids=as_numpy, sampling_params=params)
-    assert got["output_ids"] == want["output_ids"]
-    assert got["meta_info"]["prompt_tokens"] == len(ids)
+    for as_numpy in (list(np.asarray(ids, dtype=np.int32)), np.asarray(ids), torch.tensor(ids)):
+        got = idle_engine.generate(input_ids=as_numpy, sampling_params=params)
+        assert got["output_ids"] == want["output_ids"]
+        assert got["meta_info"]["prompt_tokens"] == len(ids)
+    batch = idle_engine.generate(input_ids=np.asarray([ids, ids]), sampling_params=params)
+    assert [r["output_ids"] for r in batch] == [want["output_ids"]] * 2
 
 
 def test_shutdown_finishes_requests_in_flight_and_bad_streams_queue_nothing(idle_engine):
