@@ -348,6 +348,7 @@ class ExtendConfig:
         return self.block_m // self.heads
 
 
+@functools.lru_cache(maxsize=1024)  # called per layer: the host time of eager passes
 def extend_config(
     batch_size: int,
     max_extend_len: int,
