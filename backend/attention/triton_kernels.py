@@ -777,16 +777,17 @@ def default_decode_config(
 ) -> tuple[int, int, int]:
     """``(block_n, num_warps, num_stages)`` of the decode kernel for ``programs`` (batch x
     KV heads) programs per split: keys per inner iteration 16 under the interpreter. On
-    CUDA (``benchmarks/tune_decode_attention.py``, H100, random slots, L2-cold): one to four
-    programs per SM take 64 keys on 2 warps (batch 64 x 512-640: bf16 59.5 us against 62.9
-    for 128 keys on 4 warps; float8 40.4 against 45), more take 128 keys on 4 warps (batch
-    256 x 100-2,048: bf16 391 us, 2.77 TB/s; float8 262 against 280-297 for 64 keys), as
-    does a single request; float8 loads want more stages in flight (4 and 3 against 2)."""
+    CUDA (``benchmarks/tune_decode_attention.py``, H100, random slots, L2-cold, the best of
+    the grid in two runs): one to four programs per SM take 64 keys on 2 warps (batch 64 x
+    512-640: bf16 55.8-56.0 us with 3 stages against 58.7-59.4 with 2; float8 37.0 with 2
+    stages against 40.1-40.5 with 3 or 4), more take 128 keys on 4 warps (batch 256 x
+    100-2,048: bf16 366-379 us, 2.85 TB/s, with 2 stages; float8 232-234 us, 2.31 TB/s,
+    with 3 against 242 with 2), as does a single request."""
     if is_interpreted() or device.type != "cuda":
         return 16, 4, 2
     fp8 = kv_dtype.itemsize == 1
     if _num_sms(device) <= programs <= 4 * _num_sms(device):
-        return 64, 2, 4 if fp8 else 2
+        return 64, 2, 2 if fp8 else 3
     return 128, 4, 3 if fp8 else 2
 
 
