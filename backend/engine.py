@@ -423,7 +423,10 @@ class Engine:
                 return value
             return [value] * n
 
-        params = [self._params(p) for p in per_item(sampling_params, "sampling_params")]
+        if isinstance(sampling_params, list):
+            params = [self._params(p) for p in per_item(sampling_params, "sampling_params")]
+        else:  # one validated object for every prompt (~30 us per build from a dict)
+            params = [self._params(sampling_params)] * n
         logprob_flags = per_item(return_logprob, "return_logprob")
         starts = per_item(logprob_start_len, "logprob_start_len")
         tops = per_item(top_logprobs_num, "top_logprobs_num")
