@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ import torch
 from backend.config import EngineConfig
 from backend.constrained import Constraints
 from backend.kv_pool import KVPool, ReqToTokenTable
+from backend.lending import PassLenders, common_prefix_len
 from backend.model_runner import ModelRunner
 from backend.output_processor import OutputProcessor
 from backend.radix_cache import RadixCache
@@ -55,27 +55,6 @@ class InflightDecode:
     ready: torch.cuda.Event  # recorded after that copy
 
 
-_RUN_CHUNK = 64
-
-
-def shared_run(a: Sequence[int], b: Sequence[int], start: int, end: int) -> int:
-    """How many positions of ``[start, end)`` ``a`` and ``b`` agree on before they first
-    differ: slice comparisons chunk by chunk (C speed), then token by token."""
-    i = start
-    while i < end:
-        j = min(i + _RUN_CHUNK, end)
-        if a[i:j] != b[i:j]:
-            break
-        i = j
-    while i < end and a[i] == b[i]:
-        i += 1
-    return i - start
-
-
-def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    return shared_run(a, b, 0, min(len(a), len(b)))
-
-
 class Scheduler:
     """Owns the queues and every request's KV. Runs on the engine thread only."""
 
@@ -106,6 +85,7 @@ class Scheduler:
         # The batch of the prefill pass running now: out of every queue until the pass has
         # placed them, and still found (and failed) by `requests()` if the pass raises.
         self.prefilling: list[Req] = []
+        self._lenders = PassLenders()  # the prefilling requests, searchable for a lender
         self.new_token_ratio = config.init_new_token_ratio
         self._ratio_decay = (
             config.init_new_token_ratio - config.min_new_token_ratio
@@ -278,6 +258,7 @@ class Scheduler:
         logprob_rows = INPUT_LOGPROB_ROWS_PER_PASS
         batch: list[tuple[Req, int]] = []  # (request, number of new tokens this pass)
         admitted: list[Req] = []  # requests newly admitted this pass, in order
+        self._lenders = PassLenders()
         candidates = ([self.chunked] if self.chunked else []) + self.extending
         candidates += self._ordered_waiting()
         for req in candidates:
@@ -304,7 +285,7 @@ class Scheduler:
                 self.table.table[req.row, req.num_kv : req.num_kv + chunk] = slots
             batch.append((req, chunk))
             req.pending_slots = chunk
-            self.prefilling.append(req)
+            self._join_pass(req)
             budget -= chunk
             available -= chunk
             if wants_rows:
@@ -332,8 +313,13 @@ class Scheduler:
         for req in reqs:
             batch.append((req, 1))
             req.pending_slots = 1
-            self.prefilling.append(req)
+            self._join_pass(req)
         return True
+
+    def _join_pass(self, req: Req) -> None:
+        """``req`` is in the prefill pass being built, its slots for the pass in place."""
+        self.prefilling.append(req)
+        self._lenders.add(req)
 
     def _admit(
         self, req: Req, budget: int, available: int, admitted: list[Req], nothing_else: bool
@@ -406,35 +392,14 @@ class Scheduler:
         return chunk
 
     def _lender(self, fill: list[int], start: int, limit: int) -> tuple[Req | None, int]:
-        """The request already in this pass's batch whose KV after the pass covers the
-        longest run of ``fill`` from ``start`` (the cached prefix), and that run's length.
-
-        Borrowing works because every attention backend writes the K/V of all of a pass's
-        new tokens before any request of the pass attends (``AttentionBackend``): the
-        borrower attends to the lender's new positions as to a cached prefix. Only lenders
-        that compute their own range are considered, only positions they compute in this
-        pass are borrowed (their earlier ones may be theirs alone, not the cache's: decoded
-        tokens of a request that jumped forward), and the borrower keeps at least one token
-        (and every position ``_prefix_limit`` leaves out of the cache) to compute.
-        """
-        best, best_len = None, 0
+        """The batch member this pass whose new KV covers the longest run of ``fill`` from
+        ``start`` (the cached prefix), and that run's length (``backend.lending``); the
+        borrower keeps at least one token (and every position ``_prefix_limit`` leaves out
+        of the cache) to compute."""
         cap = min(limit, len(fill) - 1)
         if self.cache.disable or start >= cap:
-            return best, best_len
-        first = fill[start]  # a lender agrees on it (compared before any slice is taken)
-        for other in self.prefilling:
-            if other.borrowed_slots or other.num_kv > start:  # only the other's new positions
-                continue
-            end = min(cap, other.num_kv + other.pending_slots)
-            if end - start <= best_len or other.fill_slice(start, start + 1) != [first]:
-                continue
-            theirs = other.fill_ids
-            if theirs[:start] != fill[:start]:  # KV at a position depends on all before it
-                continue
-            shared = shared_run(fill, theirs, start, end)
-            if shared > best_len:
-                best, best_len = other, shared
-        return best, best_len
+            return None, 0
+        return self._lenders.find(fill, start, cap)
 
     def _count_cached(self, req: Req, prefix_len: int) -> None:
         if not req.admitted_once:
@@ -509,6 +474,7 @@ class Scheduler:
             assert logits is not None
             self._emit(samplers, logits[num_logprob_rows:])
         self.prefilling = []
+        self._lenders = PassLenders()
 
     # ---- decode -----------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import torch
 from tiny_models import TINY_ARCHS
 
 from backend.engine import Engine
-from backend.scheduler import common_prefix_len
+from backend.lending import common_prefix_len
 
 PREFIX = (
     "You are a careful assistant. Answer every question in one short sentence. "

@@ -256,6 +256,27 @@ def test_evict_is_lru_among_unlocked_leaves() -> None:
     cache.check_invariants()
 
 
+def test_eviction_heap_stays_small_and_in_lru_order_across_lock_cycles() -> None:
+    """Locking and unlocking a leaf pushes a heap entry each time; dropped and stale
+    entries are compacted away, and evictions still come oldest first."""
+    log = FreeLog()
+    cache = RadixCache(log)
+    for i in range(10):
+        cache.insert([i, i], t(2 * i, 2 * i + 1))
+    hot = cache.match_prefix([9, 9]).last_node
+    for _ in range(500):
+        cache.inc_lock_ref(hot)
+        cache.dec_lock_ref(hot)
+        assert len(cache._lru) <= 2 * 10 + 64 + 1
+    cache.match_prefix([0, 0])  # leaves 1..8 are now the oldest, in insertion order
+    cache.check_invariants()
+    assert cache.evict(6) == 6
+    assert log.freed == [2, 3, 4, 5, 6, 7]
+    assert cache.evict(20) == 14
+    assert log.freed[6:] == [8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 0, 1]
+    cache.check_invariants()
+
+
 def test_evict_frees_whole_leaves_until_enough() -> None:
     log = FreeLog()
     cache = RadixCache(log)
