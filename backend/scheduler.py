@@ -161,7 +161,9 @@ class Scheduler:
             self._collect_compiled()
         if self.inflight is not None and self._may_prefill():
             self.drain()  # a prefill pass changes the running set: commit first
-        if not self._prefill_step() and (self.running or self.inflight):
+        # _may_prefill first: a decode step should not pay for the prefill bookkeeping
+        # (the reservation estimate walks every running request)
+        if not (self._may_prefill() and self._prefill_step()) and (self.running or self.inflight):
             self._decode_step()
         elif self.compiling and not (self.waiting or self.running or self.extending):
             wait([r.compile_job for r in self.compiling], 0.005, FIRST_COMPLETED)  # type: ignore[misc]
