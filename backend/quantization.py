@@ -40,6 +40,7 @@ from torch import nn
 
 from backend import cpu_ops
 from backend.gemv import gemv, gemv_applies
+from backend.skinny_gemm import skinny_gemm, skinny_gemm_applies
 
 if TYPE_CHECKING:
     from backend.models.llama import CausalLM
@@ -270,7 +271,8 @@ def linear(
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; a ``QuantizedWeight`` runs its own kernel (``prefill``:
     ``x`` holds rows of a prefill pass, see ``QuantizedWeight.linear``). On CUDA, products of
-    one row take the Triton GEMV (``backend/gemv.py``; any pass: its rows are independent).
+    one row take the Triton GEMV (``backend/gemv.py``; any pass: its rows are independent),
+    products of 2-128 rows the skinny GEMM (``backend/skinny_gemm.py``).
     Float32 on the CPU: decode steps of contiguous weights may take the native GEMV
     (``float_gemv_applies``), other products oneDNN's linear where the build has it
     (``ONEDNN_F32_LINEAR``)."""
@@ -278,6 +280,8 @@ def linear(
         return weight.linear(x, bias, prefill)
     if gemv_applies(x, weight, bias):
         return gemv(x, weight, bias)
+    if skinny_gemm_applies(x, weight, bias):
+        return skinny_gemm(x, weight, bias)
     float32_cpu = (
         x.dim() == 2
         and x.dtype == weight.dtype == torch.float32

@@ -23,6 +23,7 @@ from backend.quantization import linear  # noqa: E402
 RUN_HERE = triton_util.runs_here(fused_ops.is_interpreted())
 DEVICE = triton_util.DEVICE
 randn = triton_util.randn
+assert_rounded_once = triton_util.assert_rounded_once
 
 
 @pytest.fixture(autouse=True)
@@ -33,22 +34,6 @@ def kernels_here(request: pytest.FixtureRequest) -> None:
 def test_interpreter_subprocess() -> None:
     """Without CUDA, run this module again in a process where the interpreter is on."""
     triton_util.rerun_interpreted(__file__, RUN_HERE, noconftest=True, timeout=300)
-
-
-def assert_rounded_once(ours: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias=None) -> None:
-    """``ours`` is the exact product rounded once to its dtype: within half a unit in the last
-    place of the float64 result (a whole unit under the interpreter, whose casts truncate),
-    plus float32 summation noise."""
-    ref = x.double() @ w.double().T
-    if bias is not None:
-        ref += bias.double()
-    mantissa_bits = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}[ours.dtype]
-    exponent = torch.floor(torch.log2(ref.abs().clamp_min(1e-30)))
-    ulp = torch.exp2(exponent - mantissa_bits)
-    noise = 1e-6 * (x.double().abs() @ w.double().abs().T)
-    bound = ulp * (0.5 if CUDA else 1.0) + noise
-    assert ours.shape == ref.shape and ours.dtype == x.dtype
-    assert ((ours.double() - ref).abs() <= bound).all(), ((ours.double() - ref).abs() / ulp).max()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)

@@ -59,3 +59,21 @@ def randn(*shape: int, dtype: torch.dtype, seed: int, scale: float = 1.0) -> tor
     """Seeded standard normal values times ``scale``, drawn on the CPU, on `DEVICE`."""
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(*shape, generator=gen) * scale).to(device=DEVICE, dtype=dtype)
+
+
+def assert_rounded_once(
+    ours: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+) -> None:
+    """``ours`` is the exact product rounded once to its dtype: within half a unit in the last
+    place of the float64 result (a whole unit under the interpreter, whose casts truncate),
+    plus float32 summation noise."""
+    ref = x.double() @ w.double().T
+    if bias is not None:
+        ref += bias.double()
+    mantissa_bits = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}[ours.dtype]
+    exponent = torch.floor(torch.log2(ref.abs().clamp_min(1e-30)))
+    ulp = torch.exp2(exponent - mantissa_bits)
+    noise = 1e-6 * (x.double().abs() @ w.double().abs().T)
+    bound = ulp * (0.5 if CUDA else 1.0) + noise
+    assert ours.shape == ref.shape and ours.dtype == x.dtype
+    assert ((ours.double() - ref).abs() <= bound).all(), ((ours.double() - ref).abs() / ulp).max()

@@ -26,6 +26,7 @@ from backend.forward_batch import ForwardBatch, ForwardMode
 from backend.fused_ops import add_rms_norm_, rms_norm_reference, rope, silu_and_mul
 from backend.gemv import gemv, gemv_applies
 from backend.quantization import linear  # F.linear, or a quantized weight's kernel
+from backend.skinny_gemm import skinny_gemm, skinny_gemm_applies
 
 rms_norm = rms_norm_reference
 
@@ -181,6 +182,10 @@ class MLP(nn.Module):
             gate = gate.mul_(F.linear(x, self.up_proj.weight, self.up_proj.bias))
         elif self.act_fn is F.silu and gemv_applies(x, self.gate_up_weight, self.gate_up_bias):
             gate = gemv(x, self.gate_up_weight, self.gate_up_bias, silu_and_mul=True)
+        elif self.act_fn is F.silu and skinny_gemm_applies(
+            x, self.gate_up_weight, self.gate_up_bias
+        ):
+            gate = skinny_gemm(x, self.gate_up_weight, self.gate_up_bias, silu_and_mul=True)
         elif self.act_fn is F.silu:
             gate = silu_and_mul(linear(x, self.gate_up_weight, self.gate_up_bias, prefill))
         else:
