@@ -3,8 +3,9 @@
 For each (batch, context) the prompts are prefilled once (so the profiled run's prefill is
 one token per request, from the radix cache); the next run of ``--new`` tokens (that
 extend pass, then decode steps: ``--new`` forward passes) is profiled with
-``torch.profiler`` and the kernel time per pass is summed by family (cuBLAS GEMMs,
-decode attention, extend attention, GEMV, norms, activation, RoPE, KV writes, the rest),
+``torch.profiler`` and the kernel time per pass is summed by family (GEMMs: cuBLAS and
+the skinny GEMM; decode attention, extend attention, GEMV, norms, activation, RoPE, KV
+writes, the rest),
 beside the step's roofline: the weights and the KV it reads at the measured copy
 bandwidth, and its linear FLOPs at the measured matmul throughput. The model is the
 Llama-3-8B shape of ``bench_gpu.py`` with random weights. Usage::
