@@ -94,20 +94,24 @@ def skinny_gemm_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     SKINNY_MAX_ROWS`` -- at most ``SKINNY_SMALL_MATRIX_MAX_ROWS`` for a weight under
     ``SKINNY_LARGE_MATRIX_BYTES``: there cuBLAS was faster at 64 rows on an H100 (see the
     module doc). `SGL_DSL_SKINNY_GEMM=0` in the environment turns it off (cuBLAS then)."""
-    rows = x.shape[0] if x.dim() == 2 else 0
-    large = weight.numel() * weight.element_size() >= SKINNY_LARGE_MATRIX_BYTES
     return (
         triton is not None
         and _enabled()
         and x.is_cuda
         and x.dim() == 2
-        and SKINNY_MIN_ROWS <= rows <= (SKINNY_MAX_ROWS if large else SKINNY_SMALL_MATRIX_MAX_ROWS)
         and x.dtype in (torch.bfloat16, torch.float16)
+        and isinstance(weight, torch.Tensor)
         and weight.dtype == x.dtype
         and weight.dim() == 2
         and weight.stride(1) == 1
         and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
+        and SKINNY_MIN_ROWS <= x.shape[0] <= _max_rows(weight)
     )
+
+
+def _max_rows(weight: torch.Tensor) -> int:
+    large = weight.numel() * weight.element_size() >= SKINNY_LARGE_MATRIX_BYTES
+    return SKINNY_MAX_ROWS if large else SKINNY_SMALL_MATRIX_MAX_ROWS
 
 
 def skinny_gemm(

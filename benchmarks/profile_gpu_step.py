@@ -8,15 +8,18 @@ the skinny GEMM; decode attention, extend attention, GEMV, norms, activation, Ro
 writes, the rest),
 beside the step's roofline: the weights and the KV it reads at the measured copy
 bandwidth, and its linear FLOPs at the measured matmul throughput. The model is the
-Llama-3-8B shape of ``bench_gpu.py`` with random weights. Usage::
+Llama-3-8B shape of ``bench_gpu.py`` with random weights. Programmatic dependent launch is
+off (``SGL_DSL_PDL=0``) unless ``--pdl``: with it a kernel starts while its predecessor
+runs and the profiler's duration includes that wait, so families double-count. Usage::
 
     python benchmarks/profile_gpu_step.py --tokenizer DIR [--kv-cache-dtype fp8_e4m3]
-        [--cases 256x600,128x1000] [--new 24]
+        [--cases 256x600,128x1000] [--new 24] [--pdl]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -50,7 +53,10 @@ def main() -> None:
     parser.add_argument("--kv-cache-dtype", default="auto")
     parser.add_argument("--cases", default="256x600,192x800,128x1000,64x1100,16x1200")
     parser.add_argument("--new", type=int, default=24, help="new tokens per profiled run")
+    parser.add_argument("--pdl", action="store_true", help="keep dependent launch on")
     args = parser.parse_args()
+    if not args.pdl:
+        os.environ["SGL_DSL_PDL"] = "0"  # read when the engine's first kernel launches
     bandwidth, flops = copy_bandwidth(), matmul_throughput()
     root = Path(tempfile.mkdtemp())
     engine = Engine(
