@@ -272,7 +272,7 @@ def linear(
     """``F.linear(x, weight, bias)``; a ``QuantizedWeight`` runs its own kernel (``prefill``:
     ``x`` holds rows of a prefill pass, see ``QuantizedWeight.linear``). On CUDA, products of
     one row take the Triton GEMV (``backend/gemv.py``; any pass: its rows are independent),
-    products of 2-128 rows the skinny GEMM (``backend/skinny_gemm.py``).
+    products of 2-64 rows the skinny GEMM (``backend/skinny_gemm.py``, which says which).
     Float32 on the CPU: decode steps of contiguous weights may take the native GEMV
     (``float_gemv_applies``), other products oneDNN's linear where the build has it
     (``ONEDNN_F32_LINEAR``)."""

@@ -4,8 +4,8 @@ At 2-64 rows a decode step's products still read every weight once and do few fl
 byte (Llama-3-8B at 64 rows: ~1.2 ms of matmul against ~5 ms of weight reads per step), so
 each is a memory read that should run at copy bandwidth. cuBLAS reaches 71-94% of it on an
 H100 at 16-64 rows, and takes no part in programmatic dependent launch (``backend/pdl.py``):
-each of a step's 160 cuBLAS launches waits for its predecessor to drain before its programs
-start loading weights.
+each of a step's 129 cuBLAS products (4 per layer, the lm_head) waits for its predecessor to
+drain before its programs start loading weights.
 
 This kernel computes ``out^T = W x^T`` ("swap AB"): a program owns ``BLOCK_N`` (64 or 128)
 weight rows -- a multiple of the tensor cores' 64-row side -- against all of ``x``'s rows
@@ -14,8 +14,10 @@ multi-stage pipeline. Its first chunk is loaded before `pdl.pdl_enter` (weights 
 during a step), so it overlaps the predecessor's tail. A long K over too few tiles to fill
 the GPU is split (`default_split_k`): each of ``split_k`` programs of a tile writes a float32
 partial, and the last to finish (an atomic counter per tile, reset by that program for the
-next launch) sums the partials in split order, so results are deterministic. Like the GEMV
-it can fuse the MLP's ``silu(gate) * up`` (``silu_and_mul=True``).
+next launch) sums the partials in split order, so results are deterministic. The counters
+are one array per device: split launches must not run concurrently on two streams (the
+engine runs its forward passes on one). Like the GEMV it can fuse the MLP's
+``silu(gate) * up`` (``silu_and_mul=True``).
 
 Measured on an H100 (``benchmarks/tune_skinny_gemm.py``, graph-timed, L2-cold): a decode
 step's products at 16 rows 5.50 ms against cuBLAS's 5.69 (weights at copy bandwidth: 5.04),
@@ -130,6 +132,8 @@ def skinny_gemm(
     depend on it only through float32 summation order."""
     rows, in_features = x.shape
     out_features = weight.shape[0]
+    if weight.stride(1) != 1 or (bias is not None and not bias.is_contiguous()):
+        raise ValueError("skinny_gemm: the weight's rows and the bias must be contiguous")
     if weight.shape[1] != in_features:
         raise ValueError(
             f"skinny_gemm: x has {in_features} features, weight takes {weight.shape[1]}"
@@ -237,10 +241,19 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-@functools.cache
 def _counters(device: torch.device) -> torch.Tensor:
     """Each device's per-tile arrival counters: zero between launches (the last program of a
-    tile resets its own)."""
+    tile resets its own). Created on first use, which must not be inside a CUDA graph
+    capture (the zero fill would only be recorded)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _counters_on(device)
+
+
+@functools.cache
+def _counters_on(device: torch.device) -> torch.Tensor:
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("skinny_gemm: run a split product once before capturing a graph")
     return torch.zeros(_MAX_TILES, dtype=torch.int32, device=device)
 
 
@@ -312,7 +325,7 @@ if triton is not None:
                 acc, acc_up, partials_ptr, counters_ptr, tile, split, SILU_AND_MUL, BLOCK_M
             )
         # Rows to store: all, or none from a program that did not arrive last.
-        stored_rows = M * last.to(tl.int32)
+        rows_to_store = M * last.to(tl.int32)
         _write_tile(
             out_ptr,
             b_ptr,
@@ -320,7 +333,7 @@ if triton is not None:
             acc_up,
             feats,
             N,
-            stored_rows,
+            rows_to_store,
             stride_om,
             HAS_BIAS,
             SILU_AND_MUL,
@@ -346,8 +359,8 @@ if triton is not None:
         parts: tl.constexpr = 2 if SILU_AND_MUL else 1
         tile_size: tl.constexpr = block_n * BLOCK_M
         cell = tl.arange(0, block_n)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
-        stride_split = tl.num_programs(0) * parts * tile_size
-        first = partials_ptr + tile * parts * tile_size
+        stride_split = tl.num_programs(0).to(tl.int64) * parts * tile_size
+        first = partials_ptr + tile.to(tl.int64) * parts * tile_size
         tl.store(first + split * stride_split + cell, acc)
         if SILU_AND_MUL:
             tl.store(first + split * stride_split + tile_size + cell, acc_up)
@@ -375,15 +388,15 @@ if triton is not None:
         acc_up,
         feats,
         N,
-        M,
+        rows_to_store,
         stride_om,
         HAS_BIAS: tl.constexpr,
         SILU_AND_MUL: tl.constexpr,
         BLOCK_M: tl.constexpr,
     ):
-        """Store ``acc`` (``[BLOCK_N, BLOCK_M]``, transposed) plus the bias into ``out``'s first
-        ``M`` rows; with ``SILU_AND_MUL``, ``silu(acc) * acc_up``, each rounded to the output
-        dtype first."""
+        """Store ``acc`` (``[BLOCK_N, BLOCK_M]``, transposed) plus the bias into ``out``'s
+        first ``rows_to_store`` rows; with ``SILU_AND_MUL``, ``silu(acc) * acc_up``, each
+        rounded to the output dtype first."""
         dtype = out_ptr.dtype.element_ty
         if HAS_BIAS:
             acc += tl.load(b_ptr + feats, mask=feats < N, other=0.0).to(tl.float32)[:, None]
@@ -396,4 +409,4 @@ if triton is not None:
             acc = act * acc_up.to(dtype).to(tl.float32)
         rows = tl.arange(0, BLOCK_M)
         where = out_ptr + rows.to(tl.int64)[None, :] * stride_om + feats[:, None]
-        tl.store(where, acc.to(dtype), mask=(feats[:, None] < N) & (rows[None, :] < M))
+        tl.store(where, acc.to(dtype), mask=(feats[:, None] < N) & (rows[None, :] < rows_to_store))

@@ -1,7 +1,7 @@
 """The Triton GEMM of small decode batches (``backend/skinny_gemm.py``) against float64.
 
-On CUDA the compiled kernel runs on the GPU and ``quantization.linear`` and the MLP are
-checked to route 2-128-row products to it; without CUDA the kernel runs on CPU under
+On CUDA the compiled kernel runs on the GPU and ``quantization.linear`` and the model's MLP
+are checked to route small batches to it; without CUDA the kernel runs on CPU under
 Triton's interpreter (in a subprocess when triton was imported first, see
 ``tests/triton_util.py``).
 """
@@ -47,6 +47,7 @@ def test_interpreter_subprocess() -> None:
 
 
 def _counters_are_zero() -> bool:
+    """The counters the kernel used (`_counters` resolves "cuda" to the current device)."""
     return not bool(_counters(torch.device(DEVICE)).any())
 
 
@@ -58,7 +59,8 @@ def test_skinny_gemm_matches_float64(
     dtype: torch.dtype, rows: int, out_features: int, in_features: int, split_k: int
 ) -> None:
     """Features at, between and beyond whole 64-row tiles and 64-wide K chunks, one program
-    per tile or three along K (the last partial chunk masked)."""
+    per tile or up to three along K (two for two-chunk and four-chunk K: no empty split; the
+    last partial chunk masked)."""
     x = randn(rows, in_features, dtype=dtype, seed=1)
     w = randn(out_features, in_features, dtype=dtype, seed=2) / in_features**0.5
     config = SkinnyConfig(
@@ -113,10 +115,26 @@ def test_skinny_gemm_silu_and_mul_equals_the_two_kernels(with_bias: bool, split_
         skinny_gemm(x, gate_up[:143], silu_and_mul=True)
 
 
+@pytest.mark.parametrize("silu_and_mul", [False, True])
+def test_default_configuration_of_a_split_long_k(silu_and_mul: bool) -> None:
+    """The engine's path: `default_config` and `default_split_k` at a K of 8,192 over fewer
+    tiles than SMs (split in two), 40 rows (BLOCK_M 64)."""
+    x = randn(40, 8192, dtype=torch.bfloat16, seed=30)
+    w = randn(256, 8192, dtype=torch.bfloat16, seed=31) / 90
+    out = skinny_gemm(x, w, silu_and_mul=silu_and_mul)
+    if silu_and_mul:
+        assert torch.equal(out, fused_ops.silu_and_mul_triton(skinny_gemm(x, w)))
+    else:
+        assert_rounded_once(out, x, w)
+    assert _counters_are_zero()
+
+
 def test_skinny_gemm_rejects_bad_shapes() -> None:
     x = randn(4, 64, dtype=torch.bfloat16, seed=10)
     with pytest.raises(ValueError, match="x has 64 features, weight takes 65"):
         skinny_gemm(x, randn(8, 65, dtype=torch.bfloat16, seed=11))
+    with pytest.raises(ValueError, match="rows and the bias must be contiguous"):
+        skinny_gemm(x, randn(64, 8, dtype=torch.bfloat16, seed=13).T)
     with pytest.raises(ValueError, match="block_m 16 < 17 rows"):
         skinny_gemm(randn(17, 64, dtype=torch.bfloat16, seed=12), x, config=SkinnyConfig(16))
 
@@ -160,6 +178,26 @@ def test_linear_routes_small_batches_to_the_skinny_gemm() -> None:
     assert torch.equal(linear(few, w, bias), skinny_gemm(few, w, bias))
     many = randn(SKINNY_SMALL_MATRIX_MAX_ROWS + 1, 512, dtype=torch.bfloat16, seed=15)
     assert torch.equal(linear(many, w, bias), torch.nn.functional.linear(many, w, bias))
+
+
+@pytest.mark.skipif(not CUDA, reason="routing applies to CUDA tensors")
+def test_the_models_mlp_takes_the_fused_skinny_gemm() -> None:
+    """A Llama MLP at 8 rows is the fused gate/up skinny GEMM, then the down one (bit for
+    bit), and agrees with cuBLAS and a separate activation within rounding."""
+    from transformers import LlamaConfig
+
+    from backend.models.llama import MLP
+
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, hidden_act="silu")
+    mlp = MLP(config).to(device="cuda", dtype=torch.bfloat16)
+    mlp.fuse()
+    x = randn(8, 256, dtype=torch.bfloat16, seed=50)
+    ours = mlp(x)
+    gate = skinny_gemm(x, mlp.gate_up_weight, silu_and_mul=True)
+    assert torch.equal(ours, skinny_gemm(gate, mlp.down_proj.weight))
+    cublas_gate = fused_ops.silu_and_mul_triton(torch.nn.functional.linear(x, mlp.gate_up_weight))
+    reference = torch.nn.functional.linear(cublas_gate, mlp.down_proj.weight)
+    torch.testing.assert_close(ours, reference, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs and dependent launches are CUDA features")
