@@ -25,6 +25,7 @@ from backend.skinny_gemm import (  # noqa: E402
     SKINNY_SMALL_MATRIX_MAX_ROWS,
     SkinnyConfig,
     _counters,
+    _sm_count,
     default_split_k,
     skinny_gemm,
     skinny_gemm_applies,
@@ -122,8 +123,11 @@ def test_default_configuration_of_a_split_long_k(silu_and_mul: bool) -> None:
     x = randn(40, 8192, dtype=torch.bfloat16, seed=30)
     w = randn(256, 8192, dtype=torch.bfloat16, seed=31) / 90
     out = skinny_gemm(x, w, silu_and_mul=silu_and_mul)
-    if silu_and_mul:
-        assert torch.equal(out, fused_ops.silu_and_mul_triton(skinny_gemm(x, w)))
+    tiles = (256 // 2 if silu_and_mul else 256) // 64
+    assert default_split_k(tiles, 8192, _sm_count(x.device)) == 2
+    if silu_and_mul:  # against the unfused product summed in the same order
+        product = skinny_gemm(x, w, config=SkinnyConfig(64, split_k=2))
+        assert torch.equal(out, fused_ops.silu_and_mul_triton(product))
     else:
         assert_rounded_once(out, x, w)
     assert _counters_are_zero()
