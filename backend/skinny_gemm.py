@@ -86,7 +86,7 @@ def default_config(rows: int, silu_and_mul: bool = False) -> SkinnyConfig:
     block_n, block_k = 64, 128
     stage_bytes = ((2 if silu_and_mul else 1) * block_n + block_m) * block_k * 2
     stages = max(2, min(6, _SHARED_BYTES // stage_bytes))
-    return SkinnyConfig(block_m, block_n, block_k, stages, warps=4)
+    return SkinnyConfig(block_m, block_n, block_k, stages)
 
 
 def skinny_gemm_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -132,6 +132,8 @@ def skinny_gemm(
     depend on it only through float32 summation order."""
     rows, in_features = x.shape
     out_features = weight.shape[0]
+    if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype:
+        raise ValueError(f"skinny_gemm: takes bfloat16 or float16, got {x.dtype} x {weight.dtype}")
     if weight.stride(1) != 1 or (bias is not None and not bias.is_contiguous()):
         raise ValueError("skinny_gemm: the weight's rows and the bias must be contiguous")
     if weight.shape[1] != in_features:

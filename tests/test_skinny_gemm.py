@@ -137,6 +137,8 @@ def test_skinny_gemm_rejects_bad_shapes() -> None:
     x = randn(4, 64, dtype=torch.bfloat16, seed=10)
     with pytest.raises(ValueError, match="x has 64 features, weight takes 65"):
         skinny_gemm(x, randn(8, 65, dtype=torch.bfloat16, seed=11))
+    with pytest.raises(ValueError, match="takes bfloat16 or float16, got torch"):
+        skinny_gemm(x.float(), randn(8, 64, dtype=torch.float32, seed=14))
     with pytest.raises(ValueError, match="rows and the bias must be contiguous"):
         skinny_gemm(x, randn(64, 8, dtype=torch.bfloat16, seed=13).T)
     with pytest.raises(ValueError, match="block_m 16 < 17 rows"):
